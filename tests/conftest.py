@@ -1,0 +1,45 @@
+"""Shared pytest fixtures.
+
+Real public data lives in ``../shared`` beside the checkout (never copied into the repo).
+When it is absent, tests that need it are skipped with a reason -- except under ``CI=true``,
+where a missing ``../shared`` is a failure, so CI can never go green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def _require(path: Path, what: str) -> Path:
+    if path.exists():
+        return path
+    message = f"{what} not found at {path} (expected ../shared beside the checkout)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + "; CI=true, so this is a failure, not a skip")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _require(SHARED, "shared reference data")
+
+
+@pytest.fixture(scope="session")
+def spider_dir() -> Path:
+    return _require(SHARED / "data" / "spider_dev", "Spider dev sample")
+
+
+@pytest.fixture(scope="session")
+def sql_create_context_path() -> Path:
+    return _require(SHARED / "data" / "sql-create-context" / "sample.jsonl", "sql-create-context")
+
+
+@pytest.fixture(scope="session")
+def determined_ref_dir() -> Path:
+    return _require(SHARED / "determined", "Determined reference data")
