@@ -90,16 +90,30 @@ def resolve_chat_format(chat_format: str, tokenizer: TokenizerLike) -> str:
     return chat_format
 
 
-def _template_render(tokenizer: TokenizerLike, msgs: list[dict[str, str]], gen: bool) -> str:
+def _fold_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Merge the system turn into the first user turn (for templates without system turns)."""
+    if not msgs or msgs[0]["role"] != "system":
+        return msgs
+    return [
+        {"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]},
+        *msgs[2:],
+    ]
+
+
+def _template_render(
+    tokenizer: TokenizerLike, msgs: list[dict[str, str]], gen: bool, fold_system: bool = False
+) -> str:
+    if fold_system:
+        msgs = _fold_system(msgs)
     try:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     except Exception:  # noqa: BLE001 - jinja TemplateError: template refuses system turns
+        if fold_system:
+            raise
         # Some templates (Mistral v0.1-0.2) reject a system turn; fold it into the user turn.
-        folded = [
-            {"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]},
-            *msgs[2:],
-        ]
-        return tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(
+            _fold_system(msgs), tokenize=False, add_generation_prompt=gen
+        )
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,10 @@ class FormatPlan:
     answer_prefix: str  # text the template puts between the prompt and the answer
     end_of_turn: str  # the special token trained after the answer
     add_bos: bool  # prepend BOS to the prompt ids (plain format on BOS tokenizers)
+    # ``tokenizer`` format only: send the system prompt inside the user turn. Needed where the
+    # template places the system turn differently depending on whether an answer follows
+    # (Mistral v0.3 emits it only when the *last* message is a user turn).
+    fold_system: bool = False
 
 
 def plan_format(chat_format: str, tokenizer: TokenizerLike) -> FormatPlan:
@@ -124,9 +142,19 @@ def plan_format(chat_format: str, tokenizer: TokenizerLike) -> FormatPlan:
     # the answer, so any template (Mistral's " answer</s>", Llama-3's "answer<|eot_id|>")
     # is handled without model-specific branches.
     probe = Example(question="q?", context="CREATE TABLE t (a INT)", sql="SELECT 1729", source="x")
-    prompt = _template_render(tokenizer, messages_for(probe, with_answer=False), True)
-    full = _template_render(tokenizer, messages_for(probe), False)
-    if not full.startswith(prompt):
+    # Keep the system turn where the template renders it consistently (the prompt is a prefix
+    # of the full conversation, and the system prompt is in it); else fold it into the user turn.
+    for fold_system in (False, True):
+        try:
+            prompt = _template_render(
+                tokenizer, messages_for(probe, with_answer=False), True, fold_system
+            )
+            full = _template_render(tokenizer, messages_for(probe), False, fold_system)
+        except Exception:  # noqa: BLE001 - jinja errors: this variant is not usable
+            continue
+        if full.startswith(prompt) and SYSTEM_PROMPT in prompt:
+            break
+    else:
         raise UserError(
             "the tokenizer's chat template renders the prompt differently with and without the "
             "answer; use chat_format 'chatml' or 'plain'"
@@ -142,18 +170,22 @@ def plan_format(chat_format: str, tokenizer: TokenizerLike) -> FormatPlan:
         end = tokenizer.eos_token or ""
     if not end:
         raise UserError("cannot find the chat template's end-of-turn token")
-    return FormatPlan(fmt, prefix, end, add_bos=False)
+    return FormatPlan(fmt, prefix, end, add_bos=False, fold_system=fold_system)
 
 
 def render_prompt(example: Example, tokenizer: TokenizerLike, plan: FormatPlan) -> str:
     """The text the model is conditioned on; generation continues right after it."""
     if plan.chat_format == "chatml":
-        parts = [f"{CHATML_START}{m['role']}\n{m['content']}{CHATML_END}\n" for m in
-                 messages_for(example, with_answer=False)]
+        parts = [
+            f"{CHATML_START}{m['role']}\n{m['content']}{CHATML_END}\n"
+            for m in messages_for(example, with_answer=False)
+        ]
         return "".join(parts) + f"{CHATML_START}assistant\n"
     if plan.chat_format == "plain":
         return PLAIN_TEMPLATE.format(context=example.context, question=example.question)
-    return _template_render(tokenizer, messages_for(example, with_answer=False), True)
+    return _template_render(
+        tokenizer, messages_for(example, with_answer=False), True, plan.fold_system
+    )
 
 
 def render_completion(example: Example, plan: FormatPlan) -> str:
@@ -222,4 +254,8 @@ def tokenize_example(
     t = tokenize_examples([example], tokenizer, plan, max_length)
     if not t.input_ids:
         return None
-    return {"input_ids": t.input_ids[0], "attention_mask": t.attention_mask[0], "labels": t.labels[0]}
+    return {
+        "input_ids": t.input_ids[0],
+        "attention_mask": t.attention_mask[0],
+        "labels": t.labels[0],
+    }

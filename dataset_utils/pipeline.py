@@ -33,8 +33,8 @@ from dataset_utils.sources import LoadedSource, SourceSpec, load_source
 from dataset_utils.subsets import Splits, select_subset, split_examples
 
 log = logging.getLogger(__name__)
-PIPELINE_VERSION = "3"
-_PROBE = "SELECT name FROM singer WHERE age > 30 -- Schema:\nCREATE TABLE \"t\" (a INT)"
+PIPELINE_VERSION = "4"
+_PROBE = 'SELECT name FROM singer WHERE age > 30 -- Schema:\nCREATE TABLE "t" (a INT)'
 
 
 @dataclass
@@ -60,9 +60,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(
-    loaded: Sequence[LoadedSource], tokenizer: Any, params: dict[str, Any]
-) -> str:
+def cache_key(loaded: Sequence[LoadedSource], tokenizer: Any, params: dict[str, Any]) -> str:
     payload = {
         "version": PIPELINE_VERSION,
         "sources": [s.fingerprint for s in loaded],
@@ -153,7 +151,13 @@ def prepare_data(
     tokenized: dict[str, Any] = {}
     examples: dict[str, list[Example]] = {}
     for name, split_rows in splits.as_dict().items():
-        tok = tokenize_examples(split_rows, tokenizer, plan, max_length)
+        # The held-out test split is never shrunk by the training length policy (that would
+        # make the test easier); over-long test rows are only counted.
+        tok = tokenize_examples(split_rows, tokenizer, plan, None if name == "test" else max_length)
+        if name == "test":
+            report["test_longer_than_max_length"] = sum(
+                1 for ids in tok.input_ids if len(ids) > max_length
+            )
         examples[name] = [split_rows[i] for i in tok.kept]
         report[f"n_{name}"] = len(tok.kept)
         report[f"dropped_too_long_{name}"] = tok.dropped_too_long
@@ -162,7 +166,11 @@ def prepare_data(
         if tok.dropped_too_long:
             log.warning(
                 "%s: dropped %d of %d examples longer than max_length=%d tokens (answers are "
-                "never truncated)", name, tok.dropped_too_long, len(split_rows), max_length
+                "never truncated)",
+                name,
+                tok.dropped_too_long,
+                len(split_rows),
+                max_length,
             )
     if report["n_train"] == 0:
         raise UserError(

@@ -66,8 +66,10 @@ def schema_from_sqlite(db_path: str, style: str = "ddl") -> str:
             for fk in conn.execute(f'PRAGMA foreign_key_list("{qt}")').fetchall():
                 # (id, seq, table, from, to, on_update, on_delete, match)
                 ref_table, src, dst = fk[2], fk[3], fk[4]
-                target = f"{quote_ident(ref_table)}({quote_ident(dst)})" if dst else quote_ident(
-                    ref_table
+                target = (
+                    f"{quote_ident(ref_table)}({quote_ident(dst)})"
+                    if dst
+                    else quote_ident(ref_table)
                 )
                 parts.append(f"FOREIGN KEY ({quote_ident(src)}) REFERENCES {target}")
             lines.append(f"CREATE TABLE {quote_ident(table)} (" + ", ".join(parts) + ")")

@@ -2,17 +2,17 @@
 
 Supported formats (``SourceSpec.format``) and their original columns:
 
-==================  ===================================================  ===============================
-format              columns                                              HuggingFace dataset id
-==================  ===================================================  ===============================
-clinton             instruction, input, response (source, text)          Clinton/Text-to-sql-v1
-sql-create-context  question, context, answer                            b-mc2/sql-create-context
-gretel              sql_prompt, sql_context, sql (+ domain,              gretelai/synthetic_text_to_sql
+==================  ==============================================  ==============================
+format              columns                                         HuggingFace dataset id
+==================  ==============================================  ==============================
+clinton             instruction, input, response (source, text)     Clinton/Text-to-sql-v1
+sql-create-context  question, context, answer                       b-mc2/sql-create-context
+gretel              sql_prompt, sql_context, sql (+ domain,         gretelai/synthetic_text_to_sql
                     sql_complexity, sql_task_type, ...)
-spider              question, query, db_id + a ``database/`` folder      xlangai/spider (no databases:
-                                                                         pass ``database_dir``)
-custom              any; ``columns`` maps question/context/sql to them   --
-==================  ===================================================  ===============================
+spider              question, query, db_id + ``database/`` folder   xlangai/spider (no databases:
+                                                                    pass ``database_dir``)
+custom              any; ``columns`` maps question/context/sql      --
+==================  ==============================================  ==============================
 
 Resolution order for where rows come from: an explicit ``path`` (absolute, or relative to the
 local data directory, or to the current directory); else the format's default file inside the
@@ -210,7 +210,10 @@ def read_table(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
             table = pq.read_table(path)
             rows = table.slice(0, limit).to_pylist() if limit else table.to_pylist()
         elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as fh:
+            # utf-8-sig: identical to utf-8 except that it drops the byte-order mark that
+            # Excel ("CSV UTF-8") and Notepad write, which would otherwise glue itself to
+            # the first column name and report that column as missing.
+            with path.open(encoding="utf-8-sig", newline="") as fh:
                 rows = []
                 for i, row in enumerate(csv.DictReader(fh)):
                     if limit is not None and i >= limit:
@@ -218,7 +221,7 @@ def read_table(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
                     rows.append(dict(row))
         elif suffix == ".jsonl":
             rows = []
-            with path.open(encoding="utf-8") as fh:
+            with path.open(encoding="utf-8-sig") as fh:
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
@@ -235,7 +238,7 @@ def read_table(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
                         )
                     rows.append(row)
         else:
-            with path.open(encoding="utf-8") as fh:
+            with path.open(encoding="utf-8-sig") as fh:
                 try:
                     data = json.load(fh)
                 except json.JSONDecodeError as e:
@@ -291,7 +294,9 @@ def _find_spider_rows_file(folder: Path, split: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     # A folder with a single rows file: take it whatever the split is called.
-    files = [p for p in folder.iterdir() if p.suffix in {".jsonl", ".json"} and p.name != "tables.json"]
+    files = [
+        p for p in folder.iterdir() if p.suffix in {".jsonl", ".json"} and p.name != "tables.json"
+    ]
     if len(files) == 1:
         return files[0]
     raise UserError(
@@ -316,7 +321,9 @@ def _coerce_text(value: Any, *, column: str, row_no: int, origin: str, required:
     return text
 
 
-def _check_columns(rows: list[dict[str, Any]], needed: Iterable[str], origin: str, fmt: str) -> None:
+def _check_columns(
+    rows: list[dict[str, Any]], needed: Iterable[str], origin: str, fmt: str
+) -> None:
     present = set(rows[0].keys())
     missing = [c for c in needed if c not in present]
     if missing:
@@ -338,29 +345,43 @@ def _normalize(
         "complexity": "sql_complexity" if spec.format == "gretel" else None,
         **spec.columns,
     }
+    if spec.format == "custom" and "context" not in spec.columns and "context" not in rows[0]:
+        # `custom` only has to map question and sql (SourceSpec checks that); without a mapped
+        # or literal "context" column the rows simply carry no schema.
+        cols["context"] = None
     needed = [c for key, c in cols.items() if c and key in {"question", "sql", "context", "db_id"}]
     _check_columns(rows, needed, origin, spec.format)
     source_name = spec.format if spec.format != "custom" else Path(origin).stem
     for i, row in enumerate(rows, 1):
-        question = _coerce_text(row.get(cols["question"]), column=cols["question"], row_no=i,
-                                origin=origin, required=True)
-        sql = _coerce_text(row.get(cols["sql"]), column=cols["sql"], row_no=i, origin=origin,
-                           required=True)
+        question = _coerce_text(
+            row.get(cols["question"]),
+            column=cols["question"],
+            row_no=i,
+            origin=origin,
+            required=True,
+        )
+        sql = _coerce_text(
+            row.get(cols["sql"]), column=cols["sql"], row_no=i, origin=origin, required=True
+        )
         db_id = db_path = None
         if cols["db_id"]:
-            db_id = _coerce_text(row.get(cols["db_id"]), column=cols["db_id"], row_no=i,
-                                 origin=origin, required=True)
+            db_id = _coerce_text(
+                row.get(cols["db_id"]), column=cols["db_id"], row_no=i, origin=origin, required=True
+            )
         if cols["context"]:
-            context = _coerce_text(row.get(cols["context"]), column=cols["context"], row_no=i,
-                                   origin=origin, required=spec.format != "custom")
+            context = _coerce_text(
+                row.get(cols["context"]),
+                column=cols["context"],
+                row_no=i,
+                origin=origin,
+                required=spec.format != "custom",
+            )
         else:
             context = ""
         if db_id is not None and database_dir is not None:
             candidate = database_dir / db_id / f"{db_id}.sqlite"
             if not candidate.is_file():
-                raise UserError(
-                    f"{origin}: row {i}: database {db_id!r} not found at {candidate}"
-                )
+                raise UserError(f"{origin}: row {i}: database {db_id!r} not found at {candidate}")
             db_path = str(candidate)
             if not context:
                 context = schema_from_sqlite(db_path, spec.schema_style)
@@ -436,7 +457,11 @@ def load_source(spec: SourceSpec, data_dir: Path | None = None) -> LoadedSource:
 def env_data_hint() -> str:
     """One line describing where local data is looked for (for messages and --help)."""
     base = shared_data_dir()
-    return f"local data directory: {base}" if base else (
-        "no local data directory (set TEXT2SQL_DATA or pass a path); "
-        f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}"
+    return (
+        f"local data directory: {base}"
+        if base
+        else (
+            "no local data directory (set TEXT2SQL_DATA or pass a path); "
+            f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}"
+        )
     )

@@ -78,12 +78,16 @@ def select_subset(
     """Filter by difficulty bucket (and/or the dataset's own complexity labels), then keep the
     first ``number_of_samples`` rows, as the recipe does."""
     if subset not in SUBSETS:
-        raise UserError(f"unknown difficulty subset {subset!r}; expected one of {', '.join(SUBSETS)}")
+        raise UserError(
+            f"unknown difficulty subset {subset!r}; expected one of {', '.join(SUBSETS)}"
+        )
     rows = with_difficulty(examples)
     if subset != "all":
         rows = [e for e in rows if e.difficulty == subset]
     if complexity:
-        labels = {e.complexity for e in rows if e.complexity}
+        # Labels of every input row, not only of the difficulty bucket: an empty bucket must
+        # be reported as empty, not as "these rows carry no complexity labels".
+        labels = {e.complexity for e in examples if e.complexity}
         unknown = [c for c in complexity if c not in labels]
         if not labels:
             raise UserError(

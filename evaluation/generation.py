@@ -70,6 +70,7 @@ def generate_sql(
     progress: bool = True,
     desc: str = "generating",
     synced_gpus: bool = False,
+    repetition_penalty: float = 1.0,
 ) -> Generation:
     """Greedy-decode one SQL answer per example (see the module docstring)."""
     import torch
@@ -108,6 +109,7 @@ def generate_sql(
                 eos_token_id=stops,
                 pad_token_id=pad_id,
                 synced_gpus=synced_gpus,
+                repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
                 temperature=None,
                 top_p=None,
                 top_k=None,

@@ -8,6 +8,7 @@ checkpoints in Determined's layout, preemption on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -32,7 +33,9 @@ def split_metrics(logs: dict[str, Any]) -> tuple[str, dict[str, float]]:
     metrics = {
         k: float(v)
         for k, v in logs.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k != "epoch"
         and not k.endswith(SPEED_SUFFIXES)
     }
     if "epoch" in logs:
@@ -55,10 +58,9 @@ class PreemptionWatcher:
 
     def install(self) -> PreemptionWatcher:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            # signal.signal raises ValueError outside the main thread: no handler there.
+            with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -88,9 +90,15 @@ class MlflowLiveLogger:
     so a restarted server ends up with every metric, in order, with its step.
     """
 
-    def __init__(self, tracking_uri: str, experiment_name: str, run_id: str | None = None,
-                 run_name: str | None = None, tags: dict[str, str] | None = None,
-                 params: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_id = run_id
@@ -109,7 +117,9 @@ class MlflowLiveLogger:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         if self.run_id is None:
             exp = self._client.get_experiment_by_name(self.experiment_name)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
+            exp_id = (
+                exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
+            )
             run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
             self.run_id = run.info.run_id
             if self.params:
@@ -144,7 +154,9 @@ class MlflowLiveLogger:
             if not self._warned:
                 log.warning(
                     "MLflow logging failed (%s: %s); training continues, %d metric values "
-                    "buffered for retry", type(e).__name__, str(e).splitlines()[0][:200],
+                    "buffered for retry",
+                    type(e).__name__,
+                    str(e).splitlines()[0][:200],
                     len(self.buffer),
                 )
                 self._warned = True
@@ -194,8 +206,14 @@ class LocalRunCallback(TrainerCallback):
         self.preempted = False
         self.last_stored_step = -1
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not logs or not state.is_world_process_zero:
             return
         group, metrics = split_metrics(logs)
@@ -211,16 +229,18 @@ class LocalRunCallback(TrainerCallback):
         if self.mlflow is not None:
             self.mlflow.log(metrics, state.global_step)
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.preemption is not None and self.preemption.should_stop():
             self.preempted = True
             control.should_save = True
             control.should_training_stop = True
             control.should_evaluate = False
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         dist = _dist()
         if dist is not None:
             dist.barrier()  # every rank has written its shard files
@@ -236,13 +256,15 @@ class LocalRunCallback(TrainerCallback):
             entry = self.trial.store_checkpoint(src, meta)
             self.last_stored_step = state.global_step
             log.info("checkpoint %s stored (step %d)", entry["uuid"], state.global_step)
-            self.trial.prune(self.keep_latest, self.keep_best, self.searcher_metric,
-                             self.smaller_is_better)
+            self.trial.prune(
+                self.keep_latest, self.keep_best, self.searcher_metric, self.smaller_is_better
+            )
         if dist is not None:
             dist.barrier()
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.mlflow is not None and state.is_world_process_zero:
             self.mlflow.flush()
 

@@ -91,8 +91,7 @@ class QuantizationArgs:
             raise UserError(f"quant_type must be nf4 or fp4, found {self.quant_type!r}")
         if self.compute_dtype not in DTYPES[1:]:
             raise UserError(
-                f"compute_dtype must be one of {DTYPES[1:]}, found "
-                f"{self.compute_dtype!r}"
+                f"compute_dtype must be one of {DTYPES[1:]}, found {self.compute_dtype!r}"
             )
 
 
@@ -128,8 +127,7 @@ class SourceArgs:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise UserError(
-                f"format: unknown {self.format!r}; expected one of "
-                f"{', '.join(sorted(FORMATS))}"
+                f"format: unknown {self.format!r}; expected one of {', '.join(sorted(FORMATS))}"
             )
 
     def to_spec(self) -> SourceSpec:
@@ -165,6 +163,8 @@ class EvalArgs:
     # Fixed validation subset (the first N valid rows) scored by greedy generation at every
     # evaluation; its execution accuracy is the searcher metric `eval_execution_accuracy`.
     generation_samples: int = 32
+    # Teacher-forced loss/token accuracy on the first N valid rows; None = the whole split.
+    loss_samples: int | None = None
     test_samples: int | None = None  # final held-out evaluation; None = the whole test split
     max_new_tokens: int = 160
     batch_size: int = 16
@@ -189,7 +189,10 @@ class EfficiencyArgs:
     group_by_length: bool = True
     # Padding-free packing: concatenate a batch into one row with per-example position ids.
     packing: bool = False
-    activation_checkpointing: bool = True
+    # auto: recompute activations only for batches over `checkpointing_min_tokens` tokens
+    # (bounds memory on long Spider schemas, costs nothing on short batches); true / false.
+    activation_checkpointing: str = "auto"
+    checkpointing_min_tokens: int = 1536
     liger_kernel: bool = False
     flash_attention: bool = False
 
@@ -197,6 +200,12 @@ class EfficiencyArgs:
         if str(self.bf16).lower() not in ("auto", "true", "false"):
             raise UserError(f"bf16 must be auto, true or false, found {self.bf16!r}")
         self.bf16 = str(self.bf16).lower()
+        self.activation_checkpointing = str(self.activation_checkpointing).lower()
+        if self.activation_checkpointing not in ("auto", "true", "false"):
+            raise UserError(
+                "activation_checkpointing must be auto, true or false, found "
+                f"{self.activation_checkpointing!r}"
+            )
 
 
 @dataclass
@@ -225,9 +234,14 @@ class Hyperparameters:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise UserError(f"method: unknown {self.method!r}; expected one of {', '.join(METHODS)}")
+            raise UserError(
+                f"method: unknown {self.method!r}; expected one of {', '.join(METHODS)}"
+            )
         if self.method == "full" and self.lora is not None:
-            raise UserError("lora: LoRA options given but method is 'full'; remove the lora section or set method: lora")
+            raise UserError(
+                "lora: LoRA options given but method is 'full'; remove the lora section or "
+                "set method: lora"
+            )
         if self.method != "qlora" and self.quantization is not None:
             raise UserError(
                 f"quantization: 4-bit options only apply to method 'qlora' (method is "
@@ -358,10 +372,15 @@ _RESERVED_TRAINING_ARGS = {
 }
 
 
-def validate_training_args(training_args: dict[str, Any], output_dir: str | None = None) -> Any:
-    """Let ``transformers.TrainingArguments`` validate the user's ``training_args``."""
+def validate_training_args(
+    training_args: dict[str, Any], output_dir: str | None = None, *, user: bool = True
+) -> Any:
+    """Let ``transformers.TrainingArguments`` validate the ``training_args``.
+
+    ``user=True`` also refuses keys that another section owns (see `_RESERVED_TRAINING_ARGS`).
+    """
     for key, where in _RESERVED_TRAINING_ARGS.items():
-        if key in training_args:
+        if user and key in training_args:
             raise UserError(f"hyperparameters.training_args.{key}: set {where} instead")
     import inspect
 
@@ -381,8 +400,13 @@ def validate_training_args(training_args: dict[str, Any], output_dir: str | None
             + ", ".join(hints)
             + f" (transformers {__import__('transformers').__version__})"
         )
-    for key in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "learning_rate"):
+    for key in (
+        "max_steps",
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+    ):
         v = training_args.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 and key != "max_steps":
             raise UserError(f"hyperparameters.training_args.{key} must be >= 0, found {v}")

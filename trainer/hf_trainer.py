@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from dataset_utils.formatting import IGNORE_INDEX
 
@@ -89,11 +90,32 @@ class Text2SqlTrainer(Trainer):
         self,
         *args: Any,
         generation_metrics: Callable[[Any], dict[str, float]] | None = None,
+        checkpointing_min_tokens: int | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("compute_metrics", token_accuracy)
         super().__init__(*args, **kwargs)
         self.generation_metrics = generation_metrics
+        self.checkpointing_min_tokens = checkpointing_min_tokens
+        # Layers prepared for activation checkpointing; with a threshold, it is switched on
+        # per batch, only when the batch is long enough for activations to threaten memory.
+        self._ckpt_layers = (
+            [
+                m
+                for m in self.model.modules()
+                if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+            ]
+            if checkpointing_min_tokens is not None
+            else []
+        )
+
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self._ckpt_layers:
+            ids = inputs["input_ids"]
+            on = ids.numel() > (self.checkpointing_min_tokens or 0)
+            for layer in self._ckpt_layers:
+                layer.gradient_checkpointing = on
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def _completion_forward(
         self, model: Any, inputs: dict[str, torch.Tensor]

@@ -127,7 +127,12 @@ class TrialDir:
     def report_metrics(self, group: str, steps_completed: int, metrics: dict[str, Any]) -> None:
         append_jsonl(
             self.metrics_file,
-            {"group": group, "steps_completed": steps_completed, "metrics": metrics, "time": _now()},
+            {
+                "group": group,
+                "steps_completed": steps_completed,
+                "metrics": metrics,
+                "time": _now(),
+            },
         )
 
     def metric_history(self) -> dict[str, list[tuple[int, dict[str, float]]]]:
@@ -207,7 +212,9 @@ class TrialDir:
     def prune(self, keep_latest: int, keep_best: int, metric: str | None, smaller: bool) -> None:
         """Delete checkpoints outside the latest/best sets (Determined's GC policy)."""
         cps = self.checkpoints()
-        keep = {e["uuid"] for e in sorted(cps, key=lambda e: e["steps_completed"] or 0)[-keep_latest:]}
+        keep = {
+            e["uuid"] for e in sorted(cps, key=lambda e: e["steps_completed"] or 0)[-keep_latest:]
+        }
         if metric and keep_best > 0:
             scored = [e for e in cps if e.get("metrics", {}).get(metric) is not None]
             scored.sort(key=lambda e: e["metrics"][metric], reverse=not smaller)

