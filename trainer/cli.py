@@ -222,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="which random examples")
     c.set_defaults(func=_cmd_evaluate, limit=None)
 
+    from dataset_utils.inspect import add_inspect_arguments, run_inspect
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser(
+        "inspect",
+        help="subset sizes, token-length histogram, max_length drops, examples",
+        description="Load an experiment's data as the trainer would and report subset sizes, a "
+        "token-length histogram (PNG), how many samples each max_length would drop, and a few "
+        "rendered prompt/completion examples.",
+    )
+    add_inspect_arguments(di)
+    di.set_defaults(func=run_inspect)
+
     m = sub.add_parser(
         "mirror",
         help="best checkpoint -> evaluate -> MLflow (run, model, version)",
