@@ -37,19 +37,6 @@ ASHA_YAML = REPO_ROOT / "experiments" / "lora-asha.yaml"
 MAIN_YAML = REPO_ROOT / "experiments" / "smollm2-135m-lora-cpu.yaml"
 CHECKPOINT_UUID = "7f2f3c1e-3b1a-4c55-9a63-0c9a2d1b0007"
 
-# determined 0.38.1's DetCallback reads `args.overwrite_output_dir`, a TrainingArguments field
-# transformers 5 removed: resuming any trial from a checkpoint crashes before training starts.
-# trainer/callbacks.py's FixedDetCallback does not override load_last_checkpoint (yet). Strict:
-# once fixed these pass, the run fails on XPASS, and the marker must go.
-OVERWRITE_OUTPUT_DIR_BUG = pytest.mark.xfail(
-    raises=AttributeError,
-    strict=True,
-    reason="determined 0.38.1 DetCallback.load_last_checkpoint reads "
-    "TrainingArguments.overwrite_output_dir, removed in transformers 5; FixedDetCallback "
-    "must override load_last_checkpoint (trainer/callbacks.py)",
-)
-
-
 def _load(path: Path, output_dir: Path, *extra: str) -> Experiment:
     # schema=False: Determined's schema check is tests/test_experiments.py's job (and needs
     # ../shared); here the YAML only supplies the searcher config and hyperparameters.
@@ -205,7 +192,6 @@ def test_fixed_det_callback_still_rejects_a_length_mismatch(
 # (b) latest_checkpoint: download and resume.
 
 
-@OVERWRITE_OUTPUT_DIR_BUG
 def test_latest_checkpoint_is_downloaded_and_resumed_from(
     tmp_path: Path, trial_container: Callable[..., det.ClusterInfo], checkpoint_storage: Path
 ) -> None:
@@ -266,7 +252,6 @@ def _capture_main(monkeypatch: pytest.MonkeyPatch, storage: Path) -> dict[str, A
     return seen
 
 
-@OVERWRITE_OUTPUT_DIR_BUG
 @pytest.mark.usefixtures("one_slot_distributed")
 def test_run_on_cluster_resumes_from_the_latest_checkpoint(
     tmp_path: Path, trial_container: Callable[..., det.ClusterInfo], checkpoint_storage: Path,
@@ -355,13 +340,6 @@ def test_main_passes_the_checkpoint_to_trainer_train(
 # The main CPU job on a cluster.
 
 
-@pytest.mark.xfail(
-    raises=KeyError,
-    strict=True,
-    reason="run_on_cluster always calls DistributedContext.from_torch_distributed(), which "
-    "reads RANK/WORLD_SIZE/...; the main CPU YAML's entrypoint has no launcher, so on a "
-    "cluster they are unset (trainer/finetune.py)",
-)
 def test_run_on_cluster_single_slot_without_launcher(
     tmp_path: Path, trial_container: Callable[..., det.ClusterInfo], checkpoint_storage: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -8,7 +8,8 @@ trainer's hyperparameter dataclasses (``trainer.config``, which also lets
 trainer reports (``trainer.experiment.VALIDATION_METRICS``). Search spaces are resolved into
 the concrete trials the master would run, and each of those must parse too. The DeepSpeed
 JSON configs and accelerate launcher configs the experiments and docs point at are checked
-with the loaders that will read them.
+with the loaders that will read them; the context directory with Determined's own packer and
+``.detignore`` rules; ``startup-hook.sh`` under a stand-in for the image's Python.
 
 Run: ``HF_HUB_OFFLINE=1 python -m pytest tests/test_experiments.py -q``
 """
@@ -72,9 +73,11 @@ def _is_space(value: Any) -> bool:
     return isinstance(value, dict) and value.get("type") in SEARCH_TYPES
 
 
-def _leaves(hparams: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[
-    tuple[tuple[str, ...], dict[str, Any]]
-]:
+Leaf = tuple[tuple[str, ...], dict[str, Any]]
+
+
+def _leaves(hparams: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
+    """(path, search space) for every search space, however deeply nested."""
     for key, value in hparams.items():
         if _is_space(value):
             yield (*prefix, key), value

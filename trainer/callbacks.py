@@ -278,6 +278,8 @@ def fixed_det_callback_class() -> type:
     2. `load_last_checkpoint` sets ``args.resume_from_checkpoint`` but the examples never pass it
        to ``trainer.train()``, so a preempted trial restarts at step 0. We expose the path as
        ``resume_from_checkpoint`` and the entrypoint passes it on.
+    3. `load_last_checkpoint` reads ``args.overwrite_output_dir``, which transformers 5 removed:
+       every trial resuming from a checkpoint died with ``AttributeError``. Overridden.
     """
     from determined.transformers import DetCallback
 
@@ -286,6 +288,17 @@ def fixed_det_callback_class() -> type:
             self.required_metrics: list[str] = []
             super().__init__(core_context, args, **kwargs)
             self.resume_from_checkpoint: str | None = args.resume_from_checkpoint
+
+        def load_last_checkpoint(self, args: TrainingArguments) -> None:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            latest = self.info.latest_checkpoint
+            if latest is None:
+                return
+            # All files (DeepSpeed needs every rank's shards on every node).
+            self.core_context.checkpoint.download(latest, args.output_dir)
+            args.resume_from_checkpoint = get_last_checkpoint(args.output_dir)
+            log.info("latest checkpoint %s downloaded to %s", latest, args.resume_from_checkpoint)
 
         def _check_searcher_config(self, cfg: dict[str, Any], args: TrainingArguments) -> None:
             if not hasattr(self, "required_metrics"):

@@ -353,12 +353,23 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "hyperparameters")
         raise UserError(msg if msg.startswith(path) else f"{path}.{msg}") from None
 
 
-def parse_hyperparameters(hparams: dict[str, Any]) -> Hyperparameters:
-    """Parse (and fully validate) an experiment's hyperparameters."""
+def parse_hyperparameters(hparams: dict[str, Any], base_dir: Any = None) -> Hyperparameters:
+    """Parse (and fully validate) an experiment's hyperparameters.
+
+    ``base_dir``: the Determined context directory; relative paths in ``training_args`` (the
+    DeepSpeed config) are relative to it, as they are on the cluster.
+    """
     if not isinstance(hparams, dict):
         raise UserError(f"hyperparameters: expected a mapping, found {type(hparams).__name__}")
     hp = from_dict(Hyperparameters, hparams)
-    validate_training_args(hp.training_args)
+    args = dict(hp.training_args)
+    ds = args.get("deepspeed")
+    if isinstance(ds, str) and base_dir is not None:
+        from pathlib import Path
+
+        if not Path(ds).is_absolute() and (Path(base_dir) / ds).is_file():
+            args["deepspeed"] = str(Path(base_dir) / ds)
+    validate_training_args(args)
     return hp
 
 

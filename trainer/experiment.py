@@ -96,11 +96,15 @@ class Experiment:
     @property
     def context_dir(self) -> Path:
         """The Determined context directory (the repo root for files under experiments/)."""
-        parent = self.path.resolve().parent
-        for d in (parent, *parent.parents):
-            if (d / "pyproject.toml").is_file() or (d / ".detignore").is_file():
-                return d
-        return Path.cwd()
+        return _context_dir(self.path)
+
+
+def _context_dir(path: Path) -> Path:
+    parent = path.resolve().parent
+    for d in (parent, *parent.parents):
+        if (d / "pyproject.toml").is_file() or (d / ".detignore").is_file():
+            return d
+    return Path.cwd()
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -300,7 +304,7 @@ def load_experiment(
         raise UserError(f"{path}: hyperparameters must be a mapping")
     resolved = resolve_hparams(raw_hp, notes)
     try:
-        hp = parse_hyperparameters(resolved)
+        hp = parse_hyperparameters(resolved, base_dir=_context_dir(path))
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     exp = Experiment(path=path, config=config, hparams=hp, resolved_hparams=resolved, notes=notes)

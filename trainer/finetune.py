@@ -231,6 +231,8 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
             r["dropped_too_long_test"],
             r["cache"],
         )
+    # TrainingArguments first: with a ZeRO-3 config they switch on sharded model loading.
+    args = build_training_args(hp, env)
     model = build_model(hp, tokenizer)
     trainable, total = count_parameters(model)
     if env.is_chief:
@@ -242,7 +244,6 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
             f"{total:,}",
             100 * trainable / total,
         )
-    args = build_training_args(hp, env)
     env.callbacks.insert(0, CheckpointManifest(hp, data, env.experiment_config))
     trainer = build_trainer(hp, model, tokenizer, data, args, env)
     t0 = time.perf_counter()
@@ -374,11 +375,12 @@ def run_on_cluster(info: Any) -> dict[str, Any]:
     hp = parse_hyperparameters(info.trial.hparams)
     config = info.trial._config
     deepspeed = _launcher_wants_deepspeed(config, hp)
-    distributed = (
-        det.core.DistributedContext.from_deepspeed()
-        if deepspeed
-        else det.core.DistributedContext.from_torch_distributed()
-    )
+    if deepspeed:
+        distributed = det.core.DistributedContext.from_deepspeed()
+    elif "RANK" in os.environ:
+        distributed = det.core.DistributedContext.from_torch_distributed()
+    else:  # a single process started without a launcher (the CPU configuration)
+        distributed = det.core.DummyDistributedContext()
     setup_logging(distributed.rank == 0)
     output_dir = hp.training_args.get("output_dir") or "/tmp/text2sql-output"
     env = RunEnv(
