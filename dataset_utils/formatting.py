@@ -24,7 +24,7 @@ tokenized on its own and appended, so training and inference agree token for tok
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dataset_utils.errors import UserError
@@ -193,15 +193,43 @@ def render_completion(example: Example, plan: FormatPlan) -> str:
     return f"{plan.answer_prefix}{example.sql}{plan.end_of_turn}"
 
 
+def schema_cut(text: str, example: Example) -> int:
+    """Where the shared part of a prompt ends: right after the schema (0 when not found)."""
+    if not example.context:
+        return 0
+    at = text.find(example.context)
+    return at + len(example.context) if at >= 0 else 0
+
+
+def encode_prompt_parts(
+    examples: Sequence[Example], tokenizer: TokenizerLike, plan: FormatPlan
+) -> tuple[list[list[int]], list[int]]:
+    """Prompt token ids and, per prompt, how many leading ids are the shared prefix.
+
+    The prompt is tokenized in two pieces -- everything up to the end of the schema, then the
+    rest (question and assistant header) -- so that every question asked about the same schema
+    starts with *identical* ids. Training can then compute that prefix once for many questions
+    (`trainer.hf_trainer.CompletionCollator` with ``prefix_sharing``). Generation uses the same
+    function, so training and inference see the same ids.
+    """
+    texts = [render_prompt(e, tokenizer, plan) for e in examples]
+    cuts = [schema_cut(t, e) for t, e in zip(texts, examples, strict=True)]
+    heads = tokenizer([t[:c] for t, c in zip(texts, cuts, strict=True)], add_special_tokens=False)[
+        "input_ids"
+    ]
+    tails = tokenizer([t[c:] for t, c in zip(texts, cuts, strict=True)], add_special_tokens=False)[
+        "input_ids"
+    ]
+    bos = [tokenizer.bos_token_id] if plan.add_bos and tokenizer.bos_token_id is not None else []
+    ids = [[*bos, *h, *t] for h, t in zip(heads, tails, strict=True)]
+    return ids, [len(bos) + len(h) for h in heads]
+
+
 def encode_prompts(
     examples: Sequence[Example], tokenizer: TokenizerLike, plan: FormatPlan
 ) -> list[list[int]]:
     """Prompt token ids exactly as used for both training and generation."""
-    texts = [render_prompt(e, tokenizer, plan) for e in examples]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if plan.add_bos and tokenizer.bos_token_id is not None:
-        ids = [[tokenizer.bos_token_id, *x] for x in ids]
-    return [list(x) for x in ids]
+    return encode_prompt_parts(examples, tokenizer, plan)[0]
 
 
 @dataclass
@@ -213,12 +241,14 @@ class Tokenized:
     labels: list[list[int]]
     kept: list[int]  # indices into the input examples that survived the length policy
     dropped_too_long: int
+    prefix_len: list[int] = field(default_factory=list)  # ids shared by prompts on one schema
 
     def as_columns(self) -> dict[str, list[Any]]:
         return {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
             "labels": self.labels,
+            "prefix_len": self.prefix_len,
         }
 
 
@@ -230,7 +260,7 @@ def tokenize_examples(
 ) -> Tokenized:
     """Tokenize with completion-only labels. Rows longer than ``max_length`` are dropped and
     counted -- an answer is never cut."""
-    prompts = encode_prompts(examples, tokenizer, plan)
+    prompts, prefix = encode_prompt_parts(examples, tokenizer, plan)
     completions = tokenizer(
         [render_completion(e, plan) for e in examples], add_special_tokens=False
     )["input_ids"]
@@ -243,6 +273,7 @@ def tokenize_examples(
         out.input_ids.append(p + list(c))
         out.attention_mask.append([1] * n)
         out.labels.append([IGNORE_INDEX] * len(p) + list(c))
+        out.prefix_len.append(prefix[i])
         out.kept.append(i)
     return out
 

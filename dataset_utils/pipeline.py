@@ -33,7 +33,7 @@ from dataset_utils.sources import LoadedSource, SourceSpec, load_source
 from dataset_utils.subsets import Splits, select_subset, split_examples
 
 log = logging.getLogger(__name__)
-PIPELINE_VERSION = "4"
+PIPELINE_VERSION = "5"
 _PROBE = 'SELECT name FROM singer WHERE age > 30 -- Schema:\nCREATE TABLE "t" (a INT)'
 
 

@@ -189,6 +189,9 @@ class EfficiencyArgs:
     group_by_length: bool = True
     # Padding-free packing: concatenate a batch into one row with per-example position ids.
     packing: bool = False
+    # Shared-prefix packing: questions about the same schema share one computation of it
+    # (exact: same per-example loss; see trainer/hf_trainer.py). Needs sdpa/eager attention.
+    prefix_sharing: bool = True
     # auto: recompute activations only for batches over `checkpointing_min_tokens` tokens
     # (bounds memory on long Spider schemas, costs nothing on short batches); true / false.
     activation_checkpointing: str = "auto"
@@ -200,6 +203,8 @@ class EfficiencyArgs:
         if str(self.bf16).lower() not in ("auto", "true", "false"):
             raise UserError(f"bf16 must be auto, true or false, found {self.bf16!r}")
         self.bf16 = str(self.bf16).lower()
+        if self.packing and self.prefix_sharing:
+            raise UserError("packing and prefix_sharing are exclusive; choose one")
         self.activation_checkpointing = str(self.activation_checkpointing).lower()
         if self.activation_checkpointing not in ("auto", "true", "false"):
             raise UserError(
@@ -233,6 +238,10 @@ class Hyperparameters:
     training_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # YAML 1.1 reads a bare `no` as false: `eval_strategy: no` means the string "no".
+        for key, value in list(self.training_args.items()):
+            if key.endswith("_strategy") and value is False:
+                self.training_args[key] = "no"
         if self.method not in METHODS:
             raise UserError(
                 f"method: unknown {self.method!r}; expected one of {', '.join(METHODS)}"

@@ -102,7 +102,8 @@ def build_training_args(hp: Hyperparameters, env: RunEnv) -> Any:
     args.setdefault("eval_strategy", "no")
     args["remove_unused_columns"] = False  # the collator ignores the `length` column
     args["disable_tqdm"] = not env.progress
-    if hp.efficiency.group_by_length and not hp.efficiency.packing:
+    sharing = hp.efficiency.prefix_sharing and not hp.efficiency.flash_attention
+    if hp.efficiency.group_by_length and not hp.efficiency.packing and not sharing:
         args["train_sampling_strategy"] = "group_by_length"
     if hp.efficiency.liger_kernel:
         args["use_liger_kernel"] = _liger_ok()
@@ -196,7 +197,11 @@ def build_trainer(
         args=args,
         train_dataset=data.train,
         eval_dataset=valid if eval_on else None,
-        data_collator=CompletionCollator(tokenizer.pad_token_id, packing=hp.efficiency.packing),
+        data_collator=CompletionCollator(
+            tokenizer.pad_token_id,
+            packing=hp.efficiency.packing,
+            prefix_sharing=hp.efficiency.prefix_sharing and not hp.efficiency.flash_attention,
+        ),
         processing_class=tokenizer,
         callbacks=env.callbacks,
         generation_metrics=gen_metrics,

@@ -27,14 +27,77 @@ from dataset_utils.formatting import IGNORE_INDEX
 
 
 class CompletionCollator:
-    """Dynamic padding (or padding-free packing) for pre-tokenized completion-only rows."""
+    """Dynamic padding, padding-free packing, or shared-prefix packing of completion-only rows.
 
-    def __init__(self, pad_token_id: int, *, packing: bool = False, pad_to_multiple_of: int = 1):
+    ``prefix_sharing``: rows whose prompts start with the same ids (the system prompt and the
+    schema: every Spider question about one database) become ONE sequence -- the prefix once,
+    then each row's own tokens (question, answer) as a block. A 4D mask lets each block see the
+    prefix and itself only, and each block's ``position_ids`` continue from the prefix as if it
+    were alone, so every row's logits and loss are those of training it on its own
+    (tests/test_prefix_sharing.py) while the schema is computed once instead of once per row.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        *,
+        packing: bool = False,
+        prefix_sharing: bool = False,
+        pad_to_multiple_of: int = 1,
+    ):
         self.pad_token_id = pad_token_id
         self.packing = packing
+        self.prefix_sharing = prefix_sharing
         self.pad_to_multiple_of = max(1, pad_to_multiple_of)
 
+    def _shared(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        for r in rows:
+            p = int(r.get("prefix_len") or 0)
+            groups.setdefault(tuple(r["input_ids"][:p]), []).append(r)
+        seqs = []
+        for prefix, members in groups.items():
+            n_prefix = len(prefix)
+            ids, labels, pos, block = list(prefix), [IGNORE_INDEX] * n_prefix, [], []
+            pos.extend(range(n_prefix))
+            block.extend([-1] * n_prefix)
+            for k, r in enumerate(members):
+                rest = r["input_ids"][n_prefix:]
+                ids.extend(rest)
+                labels.extend(r["labels"][n_prefix:])
+                pos.extend(range(n_prefix, n_prefix + len(rest)))
+                block.extend([k] * len(rest))
+            seqs.append((ids, labels, pos, block))
+        width = max(len(s[0]) for s in seqs)
+        m = self.pad_to_multiple_of
+        width = (width + m - 1) // m * m
+        b = len(seqs)
+        input_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
+        labels_t = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((b, width), dtype=torch.long)
+        block_t = torch.full((b, width), -2, dtype=torch.long)  # -2: padding
+        for i, (ids, labels, pos, block) in enumerate(seqs):
+            n = len(ids)
+            input_ids[i, :n] = torch.tensor(ids)
+            labels_t[i, :n] = torch.tensor(labels)
+            position_ids[i, :n] = torch.tensor(pos)
+            block_t[i, :n] = torch.tensor(block)
+        q = block_t[:, :, None]
+        kv = block_t[:, None, :]
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        allowed = causal & (kv == -1) & (q != -2)  # everyone sees the prefix...
+        allowed |= causal & (kv == q) & (q >= -1)  # ...and its own block (prefix: itself)
+        allowed |= torch.eye(width, dtype=torch.bool)  # padding rows: themselves (no NaNs)
+        return {
+            "input_ids": input_ids,
+            "labels": labels_t,
+            "position_ids": position_ids,
+            "attention_mask": allowed[:, None, :, :],
+        }
+
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.prefix_sharing:
+            return self._shared(rows)
         if self.packing:
             ids: list[int] = []
             labels: list[int] = []
@@ -83,6 +146,52 @@ def token_accuracy(eval_pred: Any) -> dict[str, float]:
     return {"token_accuracy": acc}
 
 
+class PrefixGroupedSampler(torch.utils.data.Sampler[int]):
+    """Orders rows so each batch holds rows with the same prompt prefix (same schema).
+
+    Per epoch (seeded by ``seed + epoch``, so a resumed run replays the same order): shuffle
+    each prefix group, cut it into full batches, put the leftovers of all groups together into
+    mixed batches, shuffle the batches. Every row appears exactly once per epoch.
+    """
+
+    def __init__(self, prefix_keys: Sequence[Any], batch_size: int, seed: int = 0):
+        self.keys = list(prefix_keys)
+        self.batch_size = max(1, batch_size)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Any:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        groups: dict[Any, list[int]] = {}
+        for i, k in enumerate(self.keys):
+            groups.setdefault(k, []).append(i)
+        batches: list[list[int]] = []
+        leftovers: list[int] = []
+        for members in groups.values():
+            perm = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+            full = len(perm) // self.batch_size * self.batch_size
+            batches.extend(perm[i : i + self.batch_size] for i in range(0, full, self.batch_size))
+            leftovers.extend(perm[full:])
+        leftovers = [leftovers[j] for j in torch.randperm(len(leftovers), generator=g).tolist()]
+        batches.extend(
+            leftovers[i : i + self.batch_size] for i in range(0, len(leftovers), self.batch_size)
+        )
+        # A partial batch (at most one) goes last so batch boundaries stay aligned.
+        partial = [b for b in batches if len(b) < self.batch_size]
+        full_batches = [b for b in batches if len(b) == self.batch_size]
+        order = torch.randperm(len(full_batches), generator=g).tolist()
+        for j in order:
+            yield from full_batches[j]
+        for b in partial:
+            yield from b
+
+
 class Text2SqlTrainer(Trainer):
     """`Trainer` with completion-only logits and generation-based evaluation metrics."""
 
@@ -108,6 +217,20 @@ class Text2SqlTrainer(Trainer):
             if checkpointing_min_tokens is not None
             else []
         )
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        collator = self.data_collator
+        if getattr(collator, "prefix_sharing", False) and "prefix_len" in getattr(
+            dataset, "column_names", []
+        ):
+            keys = [
+                hash(tuple(ids[:p]))
+                for ids, p in zip(dataset["input_ids"], dataset["prefix_len"], strict=True)
+            ]
+            return PrefixGroupedSampler(keys, self.args.per_device_train_batch_size,
+                                        seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self._ckpt_layers:

@@ -32,7 +32,7 @@ from dataset_utils.errors import UserError
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
+    return dt.datetime.now(dt.UTC).isoformat()
 
 
 def _fsync_dir(path: Path) -> None:
