@@ -43,3 +43,20 @@ def sql_create_context_path() -> Path:
 @pytest.fixture(scope="session")
 def determined_ref_dir() -> Path:
     return _require(SHARED / "determined", "Determined reference data")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip without CUDA; `cluster` tests skip without a Determined master."""
+    import importlib.util
+
+    has_gpu = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    has_master = bool(os.environ.get("DET_MASTER"))
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none visible)"))
+        if "cluster" in item.keywords and not has_master:
+            item.add_marker(pytest.mark.skip(reason="needs a Determined master (set DET_MASTER)"))
