@@ -199,6 +199,19 @@ def summary_table(results: dict[str, EvalResult]) -> str:
                 ),
             )
         )
+    sources = sorted({s for r in results.values() for s in r.by_source if s != "(none)"})
+    for src in sources if len(sources) > 1 else []:
+        for what, attr in (("exec. accuracy", "exec_accuracy"), ("executable", "executable_rate")):
+            rows.append(
+                (
+                    f"{what} ({src})",
+                    lambda r, s=src, a=attr: (
+                        f"{100 * getattr(r.by_source[s], a):.1f}% (n={r.by_source[s].n})"
+                        if s in r.by_source
+                        else "-"
+                    ),
+                )
+            )
     width = max(len(n) for n, _ in rows) + 2
     colw = max(14, *(len(lbl) + 2 for lbl in labels))
     lines = ["".ljust(width) + "".join(lbl.rjust(colw) for lbl in labels)]

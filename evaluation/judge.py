@@ -107,12 +107,14 @@ class EvalResult:
     overall: Metrics
     by_difficulty: dict[str, Metrics] = field(default_factory=dict)
     by_complexity: dict[str, Metrics] = field(default_factory=dict)
+    by_source: dict[str, Metrics] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "overall": asdict(self.overall),
             "by_difficulty": {k: asdict(v) for k, v in self.by_difficulty.items()},
             "by_complexity": {k: asdict(v) for k, v in self.by_complexity.items()},
+            "by_source": {k: asdict(v) for k, v in self.by_source.items()},
             "judgements": [asdict(j) for j in self.judgements],
         }
 
@@ -132,6 +134,10 @@ class EvalResult:
             for label, m in group.items():
                 if label != NO_LABEL:
                     out[f"{prefix}execution_accuracy_{label}"] = m.exec_accuracy
+        for label, m in self.by_source.items():
+            if label != NO_LABEL:
+                out[f"{prefix}execution_accuracy_{label}"] = m.exec_accuracy
+                out[f"{prefix}executable_{label}"] = m.executable_rate
         return out
 
 
@@ -429,4 +435,5 @@ def score(
         overall=_metrics(judgements, preds, refs),
         by_difficulty=_grouped([ex.difficulty for ex in examples], judgements, preds, refs),
         by_complexity=by_complexity,
+        by_source=_grouped([ex.source for ex in examples], judgements, preds, refs),
     )
