@@ -75,7 +75,9 @@ class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
             )
         self.model.eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    # `model_input` is deliberately unannotated: MLflow inspects the type hint and warns on
+    # `Any`; the signature logged with the model is what validates inputs.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN001
         from dataset_utils.formatting import render_prompt
         from dataset_utils.records import Example
         from evaluation.generation import generate_sql
