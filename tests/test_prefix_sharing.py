@@ -27,11 +27,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     schema_b = "CREATE TABLE head (age INTEGER)"
     examples = [
         Example("How many singers?", schema_a, "SELECT count(*) FROM singer", "t"),
-        Example("Names of singers over 30?", schema_a, "SELECT name FROM singer WHERE age > 30",
-                "t"),
+        Example(
+            "Names of singers over 30?", schema_a, "SELECT name FROM singer WHERE age > 30", "t"
+        ),
         Example("Countries?", schema_a, "SELECT DISTINCT country FROM singer", "t"),
-        Example("How many heads are older than 56?", schema_b,
-                "SELECT COUNT(*) FROM head WHERE age > 56", "t"),
+        Example(
+            "How many heads are older than 56?",
+            schema_b,
+            "SELECT COUNT(*) FROM head WHERE age > 56",
+            "t",
+        ),
     ]
     plan = plan_format("chatml", tok)
     t = tokenize_examples(examples, tok, plan, None)
@@ -95,12 +100,15 @@ def test_per_example_logprobs_equal_running_alone(setup, mode: str) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_no_cross_example_attention(setup) -> None:
+@pytest.mark.parametrize("mode", ["prefix_sharing", "packing"])
+def test_no_cross_example_attention(setup, mode: str) -> None:
     """Changing another example's tokens never changes this example's log-probs."""
     from trainer.hf_trainer import CompletionCollator
 
     model, tok, rows = setup
-    collator = CompletionCollator(tok.pad_token_id, prefix_sharing=True)
+    collator = CompletionCollator(
+        tok.pad_token_id, prefix_sharing=mode == "prefix_sharing", packing=mode == "packing"
+    )
     base = _batched(model, collator(rows))
     p = rows[0]["prefix_len"]
     altered = [dict(r) for r in rows]
@@ -130,8 +138,10 @@ def test_sampler_groups_prefixes_and_covers_every_row_once() -> None:
     assert list(s) != order
 
 
-def test_training_with_prefix_sharing_matches_padding(tmp_path: Path) -> None:
-    """One optimizer step gives the same loss and gradients with and without sharing."""
+@pytest.mark.parametrize("mode", ["prefix_sharing", "packing"])
+def test_training_matches_padding(tmp_path: Path, mode: str) -> None:
+    """One backward pass gives the same per-example losses, total loss and gradients with the
+    fast path (shared prefix, or padding-free packing) as with plain right padding."""
     from transformers import AutoModelForCausalLM
 
     from dataset_utils.formatting import plan_format, tokenize_examples
@@ -141,23 +151,137 @@ def test_training_with_prefix_sharing_matches_padding(tmp_path: Path) -> None:
     path = tiny.make_tiny_model(tmp_path / "tiny")
     tok = tiny.tokenizer()
     schema = "CREATE TABLE t (a INT, b TEXT)"
-    ex = [Example(f"question {i}?", schema, f"SELECT a FROM t WHERE a > {i}", "t")
-          for i in range(5)]
+    ex = [
+        Example(f"question {i}?", schema, f"SELECT a FROM t WHERE a > {i}", "t") for i in range(5)
+    ]
+    # Rows of different lengths, so padding really pads and packing really packs.
+    ex.append(
+        Example(
+            "a much longer question about the table t and its columns?",
+            schema,
+            "SELECT b FROM t WHERE a > 3 AND b LIKE '%x%' ORDER BY a DESC",
+            "t",
+        )
+    )
     t = tokenize_examples(ex, tok, plan_format("chatml", tok), None)
-    rows = [{"input_ids": i, "labels": lab, "prefix_len": p}
-            for i, lab, p in zip(t.input_ids, t.labels, t.prefix_len, strict=True)]
-    grads = []
-    losses = []
-    for sharing in (False, True):
+    rows = [
+        {"input_ids": i, "labels": lab, "prefix_len": p}
+        for i, lab, p in zip(t.input_ids, t.labels, t.prefix_len, strict=True)
+    ]
+    n_completion = [sum(1 for x in r["labels"] if x != -100) for r in rows]
+    grads, losses, per_example = [], [], []
+    for fast in (False, True):
+        torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-        batch = CompletionCollator(tok.pad_token_id, prefix_sharing=sharing)(rows)
+        collator = CompletionCollator(
+            tok.pad_token_id,
+            prefix_sharing=fast and mode == "prefix_sharing",
+            packing=fast and mode == "packing",
+        )
+        batch = collator(rows)
+        if fast and mode == "packing":
+            assert batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+            assert "attention_mask" not in batch  # padding-free: nothing is padded
         labels = batch.pop("labels")
         keep, targets = completion_targets(labels)
-        out = model(**batch, logits_to_keep=keep)
+        # use_cache=False, as Text2SqlTrainer passes: with a KV cache transformers does not
+        # derive the block-diagonal mask from restarting position_ids, and packed examples
+        # would attend to each other.
+        out = model(**batch, logits_to_keep=keep, use_cache=False)
         logits = out.logits.reshape(-1, out.logits.shape[-1])
-        loss = torch.nn.functional.cross_entropy(logits, targets)
+        token_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        # Completion tokens come out in row order in every mode (all rows share one schema).
+        per_example.append(torch.stack([c.mean() for c in token_loss.split(n_completion)]))
+        loss = token_loss.mean()
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(per_example[0], per_example[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_trainer_fast_paths_train_the_same_model(tmp_path: Path) -> None:
+    """A short run of the real `Text2SqlTrainer` on the same batches with plain padding, shared
+    prefixes and padding-free packing ends in the same weights, so evaluation (loss, token
+    accuracy, and any metric computed from the model) agrees."""
+    import datasets
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from dataset_utils.formatting import plan_format, tokenize_examples
+    from dataset_utils.records import Example
+    from trainer.hf_trainer import CompletionCollator, Text2SqlTrainer
+
+    path = tiny.make_tiny_model(tmp_path / "tiny")
+    tok = tiny.tokenizer()
+    schemas = ["CREATE TABLE t (a INT, b TEXT)", "CREATE TABLE singer (name TEXT, age INT)"]
+    ex = [
+        Example(
+            f"question number {i}{' with more words' * (i % 3)}?",
+            schemas[i // 6],
+            f"SELECT a FROM t WHERE a > {i}"
+            if i < 6
+            else f"SELECT name FROM singer WHERE age = {i}",
+            "t",
+        )
+        for i in range(12)
+    ]
+    t = tokenize_examples(ex, tok, plan_format("chatml", tok), None)
+    rows = [
+        {"input_ids": i, "labels": lab, "prefix_len": p}
+        for i, lab, p in zip(t.input_ids, t.labels, t.prefix_len, strict=True)
+    ]
+    # Batches of 4 in a fixed order: two single-schema batches and one mixed.
+    order = [0, 1, 2, 3, 6, 7, 8, 9, 4, 5, 10, 11]
+    train = datasets.Dataset.from_list([rows[i] for i in order])
+    valid = datasets.Dataset.from_list(rows)
+
+    class InOrder(Text2SqlTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+    finals, metrics = [], []
+    for mode in ("padding", "prefix_sharing", "packing"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+        args = TrainingArguments(
+            output_dir=str(tmp_path / mode),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=4,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = InOrder(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=valid,
+            data_collator=CompletionCollator(
+                tok.pad_token_id,
+                prefix_sharing=mode == "prefix_sharing",
+                packing=mode == "packing",
+            ),
+            processing_class=tok,
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert len(losses) == 3
+        # Evaluate every model the same way (plain padding), so only the weights differ.
+        trainer.data_collator = CompletionCollator(tok.pad_token_id)
+        metrics.append(trainer.evaluate())
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        metrics[-1]["train_losses"] = losses
+    for other in (1, 2):
+        torch.testing.assert_close(finals[other], finals[0], atol=1e-4, rtol=1e-3)
+        assert metrics[other]["train_losses"] == pytest.approx(metrics[0]["train_losses"], rel=1e-4)
+        assert metrics[other]["eval_loss"] == pytest.approx(metrics[0]["eval_loss"], rel=1e-4)
+        assert metrics[other]["eval_token_accuracy"] == metrics[0]["eval_token_accuracy"]

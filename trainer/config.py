@@ -432,6 +432,13 @@ def validate_training_args(
             raise UserError(f"hyperparameters.training_args.{key} must be >= 0, found {v}")
         if key == "max_steps" and isinstance(v, int) and (v == 0 or v < -1):
             raise UserError(f"hyperparameters.training_args.max_steps must be positive, found {v}")
+    optim = str(training_args.get("optim", ""))
+    if ("8bit" in optim or "bnb" in optim) and not _have("bitsandbytes"):
+        # transformers would only fail when the Trainer builds the optimizer, mid-startup.
+        raise UserError(
+            f"hyperparameters.training_args.optim {optim!r} needs bitsandbytes: "
+            "pip install 'text2sql-finetune[qlora]' (bitsandbytes==0.50.2), or use adamw_torch"
+        )
     args = dict(training_args)
     args["output_dir"] = output_dir or args.get("output_dir") or "/tmp/text2sql-validate"
     args.setdefault("report_to", "none")
@@ -440,3 +447,9 @@ def validate_training_args(
     except (ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"hyperparameters.training_args: {first}") from None
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -3,8 +3,10 @@
 - `CompletionCollator` pads a batch on the right (labels -100 at padding, by position) or, with
   ``packing=True``, concatenates the batch into one padding-free row whose ``position_ids``
   restart at every example. Attention then stays inside each example: transformers derives a
-  block-diagonal causal mask from restarting ``position_ids`` when no ``attention_mask`` is
-  passed (tested in tests/test_packing.py).
+  block-diagonal causal mask from restarting ``position_ids`` when neither an
+  ``attention_mask`` nor a KV cache is passed -- hence ``use_cache=False`` in
+  `Text2SqlTrainer._completion_forward`: with a cache, transformers 5 skips that detection and
+  packed examples attend to each other (tested in tests/test_prefix_sharing.py).
 - `Text2SqlTrainer.compute_loss` projects only the positions whose next token is trained onto
   the vocabulary (``logits_to_keep`` as a boolean mask). Prompt positions never reach the
   49k-wide LM head: the same loss as the default path, less compute and far less memory.
@@ -228,8 +230,9 @@ class Text2SqlTrainer(Trainer):
                 hash(tuple(ids[:p]))
                 for ids, p in zip(dataset["input_ids"], dataset["prefix_len"], strict=True)
             ]
-            return PrefixGroupedSampler(keys, self.args.per_device_train_batch_size,
-                                        seed=self.args.seed)
+            return PrefixGroupedSampler(
+                keys, self.args.per_device_train_batch_size, seed=self.args.seed
+            )
         return super()._get_train_sampler(train_dataset)
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
