@@ -20,6 +20,16 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     from trainer.local_runner import launch
 
     exp = load_experiment(ns.experiment, ns.set)
+    if ns.prepare_only:
+        from trainer.finetune import prepare
+        from trainer.local_runner import deepspeed_config_path
+
+        r = prepare(exp.hparams, deepspeed=deepspeed_config_path(exp))
+        print(
+            f"prepared: {r['n_train']} train / {r['n_valid']} valid / {r['n_test']} test "
+            f"examples (data cache {r['cache']}); configuration valid, nothing trained"
+        )
+        return 0
     result = launch(exp, Path(ns.runs_dir), new=ns.new, progress=not ns.no_progress, slots=ns.slots)
     summary = result.summary or {}
     if summary.get("preempted"):
@@ -186,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only train; skip evaluation and MLflow registration",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="validate everything and tokenize + cache the data, then stop (no training, no "
+        "trial folder)",
+    )
     r.set_defaults(func=_cmd_run)
 
     v = sub.add_parser(

@@ -269,7 +269,50 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "preempted": any(getattr(c, "preempted", False) for c in env.callbacks),
+        # What actually trained: tests (and users) check the launcher gave what was asked.
+        "world_size": args.world_size,
+        "engine": type(trainer.model_wrapped).__name__,
     }
+
+
+def prepare(hp: Hyperparameters, *, deepspeed: str | None = None) -> dict[str, Any]:
+    """Everything `main` does before training, without training (``text2sql run
+    --prepare-only``): tokenizer, data loaded, split and tokenized into the cache (so the real
+    run starts on a cache hit), ``TrainingArguments``, the model's config (reachable, no
+    weights loaded) and the method's adapter / 4-bit settings. Returns the data report."""
+    import tempfile
+
+    from transformers import AutoConfig
+
+    from trainer.modeling import (
+        load_tokenizer,
+        peft_config,
+        quantization_config,
+        resolve_model_path,
+    )
+
+    tokenizer = load_tokenizer(hp.model)
+    data = build_datasets(hp, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="text2sql-prepare-") as tmp:
+        build_training_args(hp, RunEnv(output_dir=tmp, progress=False))
+    if deepspeed is not None:
+        try:
+            json.loads(Path(deepspeed).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(
+                f"training_args.deepspeed {deepspeed}: not a readable JSON file: {e}"
+            ) from None
+    try:
+        AutoConfig.from_pretrained(
+            resolve_model_path(hp.model),
+            revision=hp.model.revision,
+            trust_remote_code=hp.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {hp.model.name_or_path!r}: config not loadable: {e}") from None
+    quantization_config(hp.method, hp.quantization)
+    peft_config(hp.method, hp.lora)
+    return dict(data.report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,6 +595,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--trial-dir", type=Path, help="off-cluster trial folder (local runner)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the environment too).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     try:
         info = None

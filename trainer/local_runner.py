@@ -54,6 +54,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def deepspeed_config_path(exp: Experiment) -> str | None:
+    """``training_args.deepspeed`` as an absolute path (relative ones are context-relative)."""
+    ds = (exp.resolved_hparams.get("training_args") or {}).get("deepspeed")
+    if isinstance(ds, str) and not Path(ds).is_absolute():
+        return str((exp.context_dir / ds).resolve())
+    return ds if isinstance(ds, str) else None
+
+
 def prepare_trial(exp: Experiment, runs_dir: Path, *, new: bool = False) -> tuple[TrialDir, bool]:
     """Write the resolved experiment into its folder and pick (resume) or create a trial."""
     exp_dir = ExperimentDir(runs_dir / slug(exp.name))
@@ -61,9 +69,8 @@ def prepare_trial(exp: Experiment, runs_dir: Path, *, new: bool = False) -> tupl
     config = dict(exp.config)
     hparams = dict(exp.resolved_hparams)
     ta = dict(hparams.get("training_args") or {})
-    ds = ta.get("deepspeed")
-    if isinstance(ds, str) and not Path(ds).is_absolute():
-        ta["deepspeed"] = str((exp.context_dir / ds).resolve())
+    if isinstance(ta.get("deepspeed"), str):
+        ta["deepspeed"] = deepspeed_config_path(exp)
     hparams["training_args"] = ta
     config["hyperparameters"] = hparams
     resumable = None if new else exp_dir.resumable_trial()
