@@ -162,11 +162,19 @@ class MlflowLiveLogger:
                 self._warned = True
             return False
 
-    def close(self, status: str = "FINISHED", retries: int = 5, backoff_s: float = 1.0) -> None:
+    def close(self, status: str = "FINISHED", retries: int = 7, backoff_s: float = 1.0) -> None:
+        # 7 tries with doubling waits: about 2 minutes, long enough for a tracking server
+        # (or its pod) to restart, short next to any training run.
         for attempt in range(retries):
             if self.flush():
                 break
             time.sleep(backoff_s * 2**attempt)
+        if self.buffer:
+            log.warning(
+                "MLflow still unreachable at the end of training: %d metric values were not "
+                "sent to the live run (the trial's metrics.jsonl has them all)",
+                len(self.buffer),
+            )
         try:
             if self.run_id is not None:
                 self._ensure_run()

@@ -7,6 +7,7 @@ Every user error ends with one ``error: ...`` line and a non-zero exit; set
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -16,10 +17,13 @@ from dataset_utils.errors import UserError
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
-    from trainer.experiment import load_experiment
+    from trainer.experiment import check_local_inputs, load_experiment
     from trainer.local_runner import launch
 
+    if ns.slots is not None and ns.slots < 1:
+        raise UserError(f"--slots must be >= 1, found {ns.slots}")
     exp = load_experiment(ns.experiment, ns.set)
+    check_local_inputs(exp)
     if ns.prepare_only:
         from trainer.finetune import prepare
         from trainer.local_runner import deepspeed_config_path
@@ -297,12 +301,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001
         if os.environ.get("TEXT2SQL_DEBUG"):
             raise
+        full = _disk_full(e)
+        if full is not None:
+            print(f"error: {full}", file=sys.stderr)
+            return 1
         print(
             f"error: unexpected {type(e).__name__}: {e} (set TEXT2SQL_DEBUG=1 for the "
             "traceback; this is a bug, please report it)",
             file=sys.stderr,
         )
         return 1
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """A one-line explanation when ``exc`` (or what caused it) is a full disk, else None.
+
+    Libraries report it in their own ways (``OSError`` errno 28, safetensors' ``IoError``
+    text, torch's ``file write failed``), often wrapped, so the chain is searched."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        where = getattr(e, "filename", None)
+        if (
+            (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            or "No space left on device" in text
+            or "StorageFull" in text
+        ):
+            return (
+                "no space left on device"
+                + (f" while writing {where}" if where else "")
+                + "; every checkpoint already stored in the trial folder is complete. Free "
+                "space and run the same command again to resume"
+            )
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":

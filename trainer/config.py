@@ -378,6 +378,11 @@ def parse_hyperparameters(hparams: dict[str, Any], base_dir: Any = None) -> Hype
 
         if not Path(ds).is_absolute() and (Path(base_dir) / ds).is_file():
             args["deepspeed"] = str(Path(base_dir) / ds)
+        elif not Path(ds).is_file():
+            raise UserError(
+                f"hyperparameters.training_args.deepspeed: config file {ds!r} not found "
+                f"(relative paths are relative to the context directory {base_dir})"
+            )
     validate_training_args(args)
     return hp
 

@@ -313,6 +313,64 @@ def load_experiment(
     return exp
 
 
+def check_local_inputs(exp: Experiment) -> None:
+    """Off-cluster, before a trial folder is touched: the model, the optional packages the
+    method needs and every data source exist and parse here. (Not part of `load_experiment`:
+    a YAML validated for a cluster may name paths that only exist there.)"""
+    hp = exp.hparams
+    _check_model(hp.model.name_or_path, hp.model.gguf_file, hp.model.revision, exp.path)
+    if hp.method == "qlora" and not _importable("bitsandbytes"):
+        raise UserError(
+            f"{exp.path}: method 'qlora' needs bitsandbytes, which is not installed here: "
+            "pip install 'text2sql-finetune[qlora]' (bitsandbytes==0.50.2)"
+        )
+    from dataset_utils.sources import load_source
+
+    for source in hp.data.sources:
+        load_source(source.to_spec())
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_model(name: str, gguf_file: str | None, revision: str | None, path: Path) -> None:
+    from trainer.config import EMBEDDED_MODELS
+
+    if name in EMBEDDED_MODELS:
+        return
+    local = Path(name).expanduser()
+    if local.exists():
+        if local.is_dir() and not gguf_file and not (local / "config.json").is_file():
+            raise UserError(
+                f"{path}: model.name_or_path: {name} is not a model folder (no config.json)"
+            )
+        return
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise UserError(f"{path}: model.name_or_path: local model folder {name} does not exist")
+    from dataset_utils.settings import hub_offline
+
+    if not hub_offline():
+        return  # a Hub id: the download reports its own errors
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, gguf_file or "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an invalid repo id is just "not cached"
+        cached = None
+    if not isinstance(cached, str):
+        raise UserError(
+            f"{path}: model.name_or_path: model {name!r} is not in the local HuggingFace cache "
+            "and the Hub is offline (HF_HUB_OFFLINE=1); download it first, use a local folder, "
+            "or the embedded default 'embedded:smollm2-135m-instruct'"
+        )
+
+
 def local_world_size(exp: Experiment) -> int:
     """slots_per_trial, capped to the CPUs (or GPUs) present."""
     import torch

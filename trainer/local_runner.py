@@ -81,6 +81,10 @@ def prepare_trial(exp: Experiment, runs_dir: Path, *, new: bool = False) -> tupl
                 f"{resumable.path} was started with a different configuration; re-run with "
                 "--new to start a new trial (nothing is overwritten)"
             )
+        # The Trainer's scratch folder may hold a half-written checkpoint-<n> from the killed
+        # run; training resumes from the run store, and a stale checkpoint-<n> would make the
+        # final save look done. Only the run store's checkpoints are kept.
+        shutil.rmtree(resumable.hf_output_dir, ignore_errors=True)
         return resumable, True
     tmp = exp_dir.path / ".experiment.yaml.tmp"
     tmp.write_text(yaml.safe_dump(config, sort_keys=False))

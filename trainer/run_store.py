@@ -12,8 +12,11 @@ Layout (one experiment = one folder; each launch of it is a trial)::
             hf_output/               the Trainer's scratch output_dir
 
 Checkpoints are written atomically: files are copied into ``checkpoints/.tmp-<uuid>`` and
-renamed into place only once complete (and fsynced), then indexed. A crash at any point leaves
-either a complete, indexed checkpoint or nothing (a stray temp folder is ignored and removed).
+renamed into place only once complete (and fsynced), then indexed. Garbage collection renames a
+checkpoint to ``.tmp-gc-<uuid>`` before deleting it. So a crash (kill -9, power loss) at any
+point leaves every ``checkpoints/<uuid>`` folder complete; stray ``.tmp-*`` folders are removed
+and a complete folder the crash left unindexed is indexed by `TrialDir.clean_partial` at the
+next start (tests/faults/ kills runs at random points to hold this).
 """
 
 from __future__ import annotations
@@ -50,8 +53,14 @@ def _fsync_dir(path: Path) -> None:
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     line = json.dumps(record, default=str) + "\n"
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(line)
+    with path.open("a+b") as fh:
+        # A process killed mid-write leaves a torn last line without its newline: start on a
+        # fresh line, or this record would be glued to the fragment and lost with it.
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                line = "\n" + line
+        fh.write(line.encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -143,14 +152,39 @@ class TrialDir:
 
     # ---- checkpoints --------------------------------------------------------------------
     def clean_partial(self) -> list[Path]:
-        """Remove temp folders left by a killed writer; return what was removed."""
+        """Recover from a killed writer: remove temp folders (half-written or half-deleted
+        checkpoints) and index complete checkpoints whose index line was never written.
+        Returns the temp folders removed."""
         removed = []
-        if self.checkpoints_dir.is_dir():
-            for p in self.checkpoints_dir.iterdir():
-                if p.name.startswith(".tmp-"):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p)
+        if not self.checkpoints_dir.is_dir():
+            return removed
+        indexed = {e.get("uuid") for e in read_jsonl(self.index_file)}
+        for p in sorted(self.checkpoints_dir.iterdir()):
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+            elif p.is_dir() and p.name not in indexed:
+                try:
+                    meta = json.loads((p / "metadata.json").read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue  # not ours (only complete folders are ever renamed into place)
+                append_jsonl(self.index_file, self._index_entry(p, meta))
         return removed
+
+    @staticmethod
+    def _index_entry(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "uuid": folder.name,
+            "steps_completed": meta.get("steps_completed"),
+            "state": "COMPLETED",
+            "metrics": meta.get("metrics", {}),
+            "resources": {
+                str(f.relative_to(folder)): f.stat().st_size
+                for f in sorted(folder.rglob("*"))
+                if f.is_file()
+            },
+            "report_time": meta.get("report_time"),
+        }
 
     def store_checkpoint(
         self,
@@ -221,7 +255,15 @@ class TrialDir:
             keep |= {e["uuid"] for e in scored[:keep_best]}
         for e in cps:
             if e["uuid"] not in keep:
-                shutil.rmtree(self.checkpoints_dir / e["uuid"], ignore_errors=True)
+                # Rename first: a crash mid-delete must not leave a half-deleted folder that
+                # still looks like a checkpoint.
+                doomed = self.checkpoints_dir / f".tmp-gc-{e['uuid']}"
+                try:
+                    os.replace(self.checkpoints_dir / e["uuid"], doomed)
+                except OSError:
+                    continue
+                _fsync_dir(self.checkpoints_dir)
+                shutil.rmtree(doomed, ignore_errors=True)
 
 
 @dataclass

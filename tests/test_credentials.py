@@ -1,0 +1,154 @@
+"""Credentials never leak; nothing executes code it was not told to trust.
+
+- A full local run of the tiny model (``text2sql run`` with live MLflow logging, evaluation and
+  mirroring into a local MLflow store) with fake credentials in the environment: every file the
+  run wrote (run folder, MLflow SQLite store and artifacts, data cache) and its stdout/stderr
+  are scanned for the secret values. None may appear.
+- ``trust_remote_code`` is false unless the experiment sets it, and no code passes a literal
+  ``trust_remote_code=True``.
+- Checkpoints are read with safetensors or ``torch.load(weights_only=True)``: no plain
+  ``torch.load`` / ``pickle.load`` in the packages, and weights are written as safetensors.
+- Any MLflow server the project starts or documents listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("trainer", "cluster", "evaluation", "dataset_utils")
+
+SECRETS = {
+    "DET_USER": "fake-det-user-5b1e",
+    "DET_PASS": "fake-det-pass-Zq81c0ffee",
+    "DET_USER_TOKEN": "fake-det-token-v2.aGVsbG8gd29ybGQ",
+    "MLFLOW_TRACKING_USERNAME": "fake-mlflow-user-77ab",
+    "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pass-Jx93deadbeef",
+    "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-Qm4f8b2e",
+    "HF_TOKEN": "hf_fakeTokenAbCdEfGhIjKlMnOpQrStUv",
+    "HUGGING_FACE_HUB_TOKEN": "hf_fakeLegacyTokenZyXwVuTsRq",
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKE1234",
+    "AWS_SECRET_ACCESS_KEY": "fakeAwsSecret/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "AZURE_STORAGE_CONNECTION_STRING": "fake-azure-AccountKey=c2VjcmV0LWtleQ",
+    "GOOGLE_APPLICATION_CREDENTIALS_JSON": "fake-gcp-private-key-9f8e7d",
+}
+
+
+def _python_files() -> list[Path]:
+    return [p for pkg in PACKAGES for p in sorted((REPO_ROOT / pkg).rglob("*.py"))]
+
+
+@pytest.mark.slow
+def test_full_run_with_fake_credentials_leaks_nothing(tmp_path: Path, spider_dir: Path) -> None:
+    model = tiny.make_tiny_model(tmp_path / "tiny-llama")
+    exp = tiny.write_experiment(tmp_path / "exp.yaml", model, name="creds", steps=3, live=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ)
+    env.update(SECRETS)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TEXT2SQL_CACHE"] = str(tmp_path / "cache")  # the run's cache writes are scanned too
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DET_MASTER", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "run", str(exp), "--runs-dir", "runs"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = work / "runs"
+    # The run really did the whole job: checkpoints, MLflow store, artifacts, registry.
+    assert (runs / "mlflow.db").is_file()
+    assert list((runs / "creds" / "trial-1" / "checkpoints").glob("*/adapter_model.safetensors"))
+    assert list((runs / "mlartifacts").rglob("*.safetensors"))
+    assert not list(runs.rglob("*.bin")), "weights must be safetensors, not pickles"
+
+    scanned = 0
+    leaks = []
+    texts = {"stdout": proc.stdout.encode(), "stderr": proc.stderr.encode()}
+    for root in (work, tmp_path / "cache"):
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and not f.is_symlink():
+                texts[str(f)] = f.read_bytes()
+    for name, blob in texts.items():
+        scanned += 1
+        for var, secret in SECRETS.items():
+            if secret.encode() in blob:
+                leaks.append(f"{var} in {name}")
+    assert scanned > 50
+    assert not leaks, leaks
+
+    # MLflow params/tags, read back through the API (as a viewer would see them).
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    for e in client.search_experiments():
+        for run in client.search_runs([e.experiment_id]):
+            values = list(run.data.params.values()) + list(run.data.tags.values())
+            for v in values:
+                assert not any(s in v for s in SECRETS.values()), v
+            assert not any(k in SECRETS for k in run.data.params), run.data.params
+
+
+def test_trust_remote_code_is_off_unless_configured() -> None:
+    from trainer.config import ModelArgs, parse_hyperparameters
+
+    assert ModelArgs().trust_remote_code is False
+    assert parse_hyperparameters({}).model.trust_remote_code is False
+    on = parse_hyperparameters({"model": {"trust_remote_code": True}})
+    assert on.model.trust_remote_code is True
+    # No code passes a literal True; every trust_remote_code= reads the config (or is False).
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
+                v = node.value
+                ok = (isinstance(v, ast.Constant) and v.value is False) or (
+                    isinstance(v, ast.Attribute) and v.attr == "trust_remote_code"
+                )
+                assert ok, f"{path}:{node.value.lineno}: trust_remote_code={ast.unparse(v)}"
+            if isinstance(node, ast.Dict):
+                for k, v in zip(node.keys, node.values, strict=True):
+                    if isinstance(k, ast.Constant) and k.value == "trust_remote_code":
+                        assert not (isinstance(v, ast.Constant) and v.value is True), path
+
+
+def test_checkpoints_are_never_unpickled_blindly() -> None:
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            if name == "torch.load":
+                kw = {k.arg: k.value for k in node.keywords}
+                assert "weights_only" in kw and ast.unparse(kw["weights_only"]) == "True", (
+                    f"{path}:{node.lineno}: torch.load without weights_only=True"
+                )
+            assert name not in ("pickle.load", "pickle.loads", "cloudpickle.load"), (
+                f"{path}:{node.lineno}: {name}"
+            )
+
+
+def test_mlflow_servers_listen_on_localhost_only() -> None:
+    sources = _python_files() + [REPO_ROOT / "README.md", REPO_ROOT / "cluster" / "README.md"]
+    sources += sorted((REPO_ROOT / "cluster" / "deploy").rglob("*"))
+    for path in sources:
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        assert "0.0.0.0" not in text, f"{path}: binds every interface"
+        for m in re.finditer(r"mlflow (?:server|ui|models serve)[^\n]*", text):
+            assert "--host 127.0.0.1" in m.group(0) or "--host" not in m.group(0), (
+                f"{path}: {m.group(0)}"
+            )
