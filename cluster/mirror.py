@@ -48,11 +48,24 @@ class MirrorResult:
 
 
 def with_retries(
-    fn: Callable[[], T], what: str, tracking_uri: str, *, attempts: int = 5, backoff_s: float = 0.5
+    fn: Callable[[], T],
+    what: str,
+    tracking_uri: str,
+    *,
+    attempts: int | None = None,
+    backoff_s: float | None = None,
 ) -> T:
-    """Run an MLflow call, retrying connection-type failures with exponential backoff."""
+    """Run an MLflow call, retrying connection-type failures with exponential backoff.
+
+    Defaults: 5 attempts, 0.5 s doubling (0.5, 1, 2, 4 s); override with
+    ``$TEXT2SQL_MLFLOW_RETRIES`` and ``$TEXT2SQL_MLFLOW_BACKOFF_S``.
+    """
     from mlflow.exceptions import MlflowException
 
+    if attempts is None:
+        attempts = max(1, int(os.environ.get("TEXT2SQL_MLFLOW_RETRIES", "5")))
+    if backoff_s is None:
+        backoff_s = float(os.environ.get("TEXT2SQL_MLFLOW_BACKOFF_S", "0.5"))
     last: Exception | None = None
     for i in range(attempts):
         try:
@@ -198,7 +211,10 @@ def mirror(
     if run is None and reuse_run_id:
         try:
             run = client.get_run(reuse_run_id)
-            if run.data.tags.get(TAG_UUID) not in (None, info.uuid):
+            # The live training run is reused only inside the experiment we mirror into (a
+            # mirror under another --name must get its own run) and only for this checkpoint.
+            other_experiment = str(run.info.experiment_id) != exp_id
+            if other_experiment or run.data.tags.get(TAG_UUID) not in (None, info.uuid):
                 run = None
         except Exception:  # noqa: BLE001 - the live run may live on another server
             run = None
@@ -216,6 +232,17 @@ def mirror(
             tracking_uri,
             skipped=True,
         )
+    # ---- fetch + verify, before anything is written to MLflow ------------------------------
+    # A missing or truncated checkpoint must not leave a half-made run behind.
+    work = Path(work_dir or tempfile.mkdtemp(prefix="text2sql-mirror-"))
+    if hasattr(source, "local_path"):
+        ckpt_dir = source.local_path(info)
+    else:
+        ckpt_dir = work / "checkpoint" / info.uuid
+        if not (ckpt_dir / "text2sql.json").is_file():
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            source.download(info, ckpt_dir)
+
     if run is None:
         run = with_retries(
             lambda: client.create_run(
@@ -297,15 +324,7 @@ def mirror(
                 )
         mark("history")
 
-    # ---- fetch + verify + evaluate ------------------------------------------------------
-    work = Path(work_dir or tempfile.mkdtemp(prefix="text2sql-mirror-"))
-    if hasattr(source, "local_path"):
-        ckpt_dir = source.local_path(info)
-    else:
-        ckpt_dir = work / "checkpoint" / info.uuid
-        if not (ckpt_dir / "text2sql.json").is_file():
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            source.download(info, ckpt_dir)
+    # ---- evaluate ---------------------------------------------------------------------------
     loaded = load_checkpoint(ckpt_dir)
     from evaluation.checkpoint_eval import test_examples
 
@@ -492,9 +511,17 @@ def _maybe_promote(
 
 
 def mirror_local_trial(
-    trial_dir: str | Path, *, tracking_uri: str | None = None, progress: bool = True
+    trial_dir: str | Path,
+    *,
+    tracking_uri: str | None = None,
+    experiment_name: str | None = None,
+    registered_model_name: str | None = None,
+    progress: bool = True,
 ) -> MirrorResult:
-    """Mirror a local trial (what ``text2sql run`` does after training)."""
+    """Mirror a local trial (what ``text2sql run`` does after training).
+
+    Names default to the YAML's ``mlflow`` block, else the experiment name.
+    """
     from cluster.local_source import LocalCheckpointSource
     from trainer.callbacks import configure_quiet_mlflow_http
 
@@ -512,8 +539,10 @@ def mirror_local_trial(
     result = mirror(
         source,
         tracking_uri=uri,
-        experiment_name=hp_mlflow.get("experiment_name") or name,
-        registered_model_name=hp_mlflow.get("registered_model_name") or name,
+        experiment_name=experiment_name or hp_mlflow.get("experiment_name") or name,
+        registered_model_name=(
+            registered_model_name or hp_mlflow.get("registered_model_name") or name
+        ),
         work_dir=source.trial.path / "mirror",
         reuse_run_id=info.get("mlflow_run_id"),
         progress=progress,
@@ -527,7 +556,7 @@ def print_where_to_look(result: MirrorResult) -> None:
     uri = result.tracking_uri
     if uri.startswith("sqlite:///"):
         print(
-            f"\nBrowse it:  mlflow ui --backend-store-uri {uri} --port 5000   "
+            f"\nBrowse it:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
             "(then open http://127.0.0.1:5000)"
         )
     else:

@@ -70,7 +70,13 @@ def _cmd_mirror(ns: argparse.Namespace) -> int:
     from cluster.mirror import default_tracking_uri, mirror, mirror_local_trial, print_where_to_look
 
     if ns.trial_dir:
-        mirror_local_trial(ns.trial_dir, tracking_uri=ns.tracking_uri, progress=not ns.no_progress)
+        mirror_local_trial(
+            ns.trial_dir,
+            tracking_uri=ns.tracking_uri,
+            experiment_name=ns.name,
+            registered_model_name=ns.registered_model_name,
+            progress=not ns.no_progress,
+        )
         return 0
     from cluster.checkpoint_source import DeterminedCheckpointSource
 
@@ -279,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         "else a SQLite store in --runs-dir)",
     )
     m.add_argument("--runs-dir", default=os.environ.get("TEXT2SQL_RUNS", "runs"))
-    m.add_argument("--name", help="MLflow experiment name (default: the Determined one)")
+    m.add_argument(
+        "--name", help="MLflow experiment name (default: the Determined / local experiment's)"
+    )
     m.add_argument("--registered-model-name", help="registry name (default: experiment name)")
     m.add_argument("--work-dir", help="where checkpoints are downloaded (default: a temp dir)")
     m.add_argument("--no-progress", action="store_true")
