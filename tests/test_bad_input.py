@@ -310,14 +310,17 @@ def _run_case(case: Case, root: Path, model: Path) -> Outcome:
         env["PYTHONPATH"] = os.pathsep.join([str(hook), str(REPO_ROOT)])
     argv = case.argv or ["run", "exp.yaml", "--runs-dir", str(runs), "--no-mirror"]
     argv = argv + case.extra_args
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", *argv],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "trainer.cli", *argv],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    except subprocess.TimeoutExpired as e:  # fail this case only, not the whole table
+        return Outcome(0, str(e.stdout or ""), f"TIMEOUT: {e}", before, _snapshot(runs))
     return Outcome(proc.returncode, proc.stdout, proc.stderr, before, _snapshot(runs))
 
 

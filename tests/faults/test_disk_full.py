@@ -108,7 +108,9 @@ def test_disk_full_during_checkpoint_write(tmp_path: Path, spider_dir: Path) -> 
         if not folder.name.startswith(".tmp-"):
             assert folder.name == cps[0]["uuid"], f"partial checkpoint {folder}"
     assert checkpoint_problems(trial.checkpoint_path(cps[0]["uuid"]), cps[0]) == []
-    assert trial.info()["state"] == "ERRORED"
+    # Not COMPLETED, so the next run resumes it. (Often still ACTIVE: with the disk full, even
+    # recording ERRORED in trial.json fails, and that is fine.)
+    assert trial.info()["state"] != "COMPLETED"
 
     # Space again: the same command resumes from the intact checkpoint and finishes.
     again = subprocess.run(
