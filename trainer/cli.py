@@ -58,7 +58,7 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     from trainer.experiment import load_experiment
 
     for path in ns.experiments:
-        exp = load_experiment(path, ns.set)
+        exp = load_experiment(path, ns.set, schema_required=True)
         print(
             f"ok: {path} ({exp.launcher} launcher, {exp.slots} slot(s), method "
             f"{exp.hparams.method})"

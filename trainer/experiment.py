@@ -221,9 +221,26 @@ def resolve_hparams(hparams: dict[str, Any], notes: list[str], prefix: str = "")
     return out
 
 
-def check_schema(config: dict[str, Any], path: Path) -> None:
-    from cluster.expconf import validate_experiment
+def check_schema(config: dict[str, Any], path: Path, *, required: bool = False) -> None:
+    """Validate against Determined's expconf JSON Schemas when they are available.
 
+    The schemas come from ``../shared/determined/expconf-v0`` or ``$TEXT2SQL_EXPCONF_DIR``. A
+    user's machine may have neither: `text2sql run` then warns and goes on (the trainer's own
+    dataclasses still check every hyperparameter), while `text2sql validate` (``required``)
+    stops with the message saying where to put them.
+    """
+    from cluster.expconf import default_schema_dir, validate_experiment
+
+    schema_dir = default_schema_dir()
+    if not required and not schema_dir.is_dir():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "Determined expconf schemas not found at %s: skipping the schema check "
+            "(set TEXT2SQL_EXPCONF_DIR to Determined's schemas/expconf/v0 to enable it)",
+            schema_dir,
+        )
+        return
     errors = validate_experiment(config)
     if errors:
         shown = "; ".join(e.replace("<config>.", "") for e in errors[:5])
@@ -289,7 +306,11 @@ def check_resources(exp: Experiment) -> None:
 
 
 def load_experiment(
-    path: str | Path, overrides: Sequence[str] = (), *, schema: bool = True
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    schema: bool = True,
+    schema_required: bool = False,
 ) -> Experiment:
     """Read + override + validate; raises `UserError` with one clear line on any problem."""
     path = Path(path)
@@ -297,7 +318,7 @@ def load_experiment(
     config = copy.deepcopy(config)
     apply_overrides(config, overrides)
     if schema:
-        check_schema(config, path)
+        check_schema(config, path, required=schema_required)
     notes: list[str] = []
     raw_hp = config.get("hyperparameters") or {}
     if not isinstance(raw_hp, dict):
