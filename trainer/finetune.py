@@ -270,8 +270,8 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
         "total_parameters": total,
         "preempted": any(getattr(c, "preempted", False) for c in env.callbacks),
         # What actually trained: tests (and users) check the launcher gave what was asked.
-        "world_size": args.world_size,
-        "engine": type(trainer.model_wrapped).__name__,
+        "world_size": getattr(trainer.args, "world_size", 1),
+        "engine": type(getattr(trainer, "model_wrapped", trainer)).__name__,
     }
 
 
