@@ -471,6 +471,9 @@ def _register(
             model_uri,
             run_id=run_id,
             tags={TAG_UUID: uuid, "execution_accuracy": f"{score:.6f}"},
+            # A tracking *server* (unlike a local store) refuses a `models:/m-...` source unless
+            # the logged model's id is given with it (MLflow 3.17 INVALID_PARAMETER_VALUE).
+            model_id=model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None,
         ),
         "creating the model version",
         tracking_uri,
