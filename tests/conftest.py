@@ -60,3 +60,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none visible)"))
         if "cluster" in item.keywords and not has_master:
             item.add_marker(pytest.mark.skip(reason="needs a Determined master (set DET_MASTER)"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Write the gretel parquet fixture from its hand-written rows (no binary in git)."""
+    import importlib.util
+
+    target = REPO_ROOT / "tests" / "fixtures" / "gretel_sample.parquet"
+    if target.exists():
+        return
+    spec = importlib.util.spec_from_file_location(
+        "make_gretel_sample", REPO_ROOT / "tests" / "fixtures" / "make_gretel_sample.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
