@@ -12,14 +12,18 @@ Every SQL statement the evaluation runs goes through this module. Defences, each
    ``VACUUM INTO``), every ``PRAGMA``, transactions, savepoints, and the SQL functions
    ``load_extension()`` and ``printf()``/``format()`` (see `_DENIED_FUNCTIONS`). Extension
    loading is also left disabled on the connection.
-4. Resource limits: a progress handler aborts a statement after ``timeout_s`` of wall-clock
-   time (it runs every few hundred VM instructions, during ``execute`` *and* while rows are
-   fetched, so infinite recursive CTEs and huge cross joins stop on time); at most
+4. Resource limits: at ``timeout_s`` of wall-clock time a watchdog thread calls
+   ``sqlite3_interrupt`` on the connection, which SQLite checks at every loop jump of its VM,
+   during ``execute`` *and* while rows are fetched, so infinite recursive CTEs and huge cross
+   joins stop on time; a progress handler (every few hundred VM instructions) checks the same
+   deadline as a second line. A progress handler alone is not enough: with an expensive
+   function in each row, a few hundred instructions can take half a second. At most
    ``max_rows`` rows and ``max_bytes`` bytes are fetched; SQLite's own limits cap string/blob
    length (64 kB) and SQL text length, so one expression can neither allocate gigabytes nor
    run a single super-linear function call for long. Residual risk: a built-in function is one
-   VM instruction, so a time limit can be overshot by that one call (milliseconds at 64 kB);
-   a hard guarantee would need a separate process per query.
+   VM instruction, so a time limit can be overshot by that one call (~40 ms for ``instr`` on
+   the largest strings the limit allows, on the reference machine); a hard guarantee would
+   need a separate process per query.
 
 In-memory databases (`SandboxDB.from_script`, `SandboxDB.from_bytes`) run their trusted setup
 first and are then locked exactly like files (plus ``PRAGMA query_only``).
@@ -34,8 +38,12 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -121,6 +129,62 @@ def check_statement(sql: str) -> str | None:
         word = rest.split(None, 1)[0][:30] if rest.split() else ""
         return f"refused: only SELECT/WITH/VALUES queries may run (statement starts with {word!r})"
     return None
+
+
+class _Watchdog:
+    """One daemon thread that interrupts connections whose statement ran past its deadline.
+
+    `arm` registers a running statement and returns a token; `disarm` removes it. The
+    interrupt is sent under the same lock, so it can never hit a statement that `disarm`
+    already released (a stale flag on a finished statement is cleared by SQLite itself when
+    the statement is reset).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._active: dict[int, sqlite3.Connection] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, conn: sqlite3.Connection, deadline: float) -> int:
+        with self._cond:
+            token = next(self._ids)
+            self._active[token] = conn
+            heapq.heappush(self._heap, (deadline, token))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="sql-sandbox-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._active.pop(token, None)
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                # Drop entries whose statement already finished.
+                while self._heap and self._heap[0][1] not in self._active:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token = self._heap[0]
+                now = time.monotonic()
+                if now < deadline:
+                    self._cond.wait(deadline - now)
+                    continue
+                heapq.heappop(self._heap)
+                conn = self._active.pop(token)
+                with contextlib.suppress(sqlite3.Error):  # closed meanwhile: nothing to stop
+                    conn.interrupt()
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _value_size(value: Any) -> int:
@@ -225,6 +289,7 @@ class SandboxDB:
             return QueryResult(ok=False, error=refusal)
         start = time.monotonic()
         self._deadline = start + timeout_s
+        token = _WATCHDOG.arm(self._conn, self._deadline)
         cur: sqlite3.Cursor | None = None
         rows: list[tuple[Any, ...]] = []
         truncated = False
@@ -260,6 +325,7 @@ class SandboxDB:
             # e.g. a TEXT value that is not valid UTF-8, or an integer too large for Python.
             return QueryResult(ok=False, error=_describe(e), elapsed_s=time.monotonic() - start)
         finally:
+            _WATCHDOG.disarm(token)
             self._deadline = float("inf")
             if cur is not None:
                 cur.close()

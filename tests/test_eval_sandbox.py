@@ -100,6 +100,27 @@ def test_runaway_query_stops_within_time_limit(world_db: Path, name: str) -> Non
     assert _sha256(world_db) == before
 
 
+def test_watchdog_alone_stops_runaway_queries(
+    world_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the progress handler never aborting, the watchdog's interrupt still stops on time.
+
+    The progress handler alone overshot by ~0.5 s on string_functions (its few hundred VM
+    instructions span ~25 instr() calls), which once failed CI; the watchdog checks at every
+    loop jump.
+    """
+    monkeypatch.setattr(SandboxDB, "_progress", lambda self: 0)
+    for name in ("string_functions", "infinite_recursive_cte"):
+        start = time.monotonic()
+        res = run_readonly(world_db, RUNAWAY[name], timeout_s=TIMEOUT)
+        elapsed = time.monotonic() - start
+        assert res.timed_out, name
+        assert elapsed < TIMEOUT + MARGIN, (name, elapsed)
+    # The next statement on a fresh deadline is not hit by a stale interrupt.
+    res = run_readonly(world_db, "SELECT count(*) FROM city", timeout_s=TIMEOUT)
+    assert res.ok and res.rows == [(4079,)]
+
+
 def test_authorizer_alone_blocks_writes(world_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Defence in depth: with the keyword pre-check disabled, SQLite's authorizer still refuses."""
     monkeypatch.setattr(sandbox, "check_statement", lambda sql: None)
