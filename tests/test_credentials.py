@@ -27,11 +27,15 @@ from tests import tiny
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("trainer", "cluster", "evaluation", "dataset_utils")
 
-SECRETS = {
+# Account names: not secret, and MLflow itself records the tracking username as the
+# `mlflow.user` tag of what it logs (who logged it). They may appear there and nowhere else.
+IDENTITIES = {
     "DET_USER": "fake-det-user-5b1e",
+    "MLFLOW_TRACKING_USERNAME": "fake-mlflow-user-77ab",
+}
+SECRETS = {
     "DET_PASS": "fake-det-pass-Zq81c0ffee",
     "DET_USER_TOKEN": "fake-det-token-v2.aGVsbG8gd29ybGQ",
-    "MLFLOW_TRACKING_USERNAME": "fake-mlflow-user-77ab",
     "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pass-Jx93deadbeef",
     "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-Qm4f8b2e",
     "HF_TOKEN": "hf_fakeTokenAbCdEfGhIjKlMnOpQrStUv",
@@ -41,6 +45,31 @@ SECRETS = {
     "AZURE_STORAGE_CONNECTION_STRING": "fake-azure-AccountKey=c2VjcmV0LWtleQ",
     "GOOGLE_APPLICATION_CREDENTIALS_JSON": "fake-gcp-private-key-9f8e7d",
 }
+
+
+def _identities_outside_user_tags(db: Path) -> list[str]:
+    """Every cell of the MLflow store holding an account name, unless it is a `mlflow.user`
+    tag value (the row's key column says so)."""
+    import sqlite3
+
+    found = []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            cols = [r[1] for r in conn.execute(f"PRAGMA table_info('{table}')")]
+            for row in conn.execute(f"SELECT * FROM '{table}'"):
+                cells = dict(zip(cols, row, strict=True))
+                is_user_tag = "mlflow.user" in (cells.get("key"), cells.get("tag_key"))
+                for col, value in cells.items():
+                    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+                    allowed = is_user_tag and col in ("value", "tag_value")
+                    for var, ident in IDENTITIES.items():
+                        if isinstance(text, str) and ident in text and not allowed:
+                            found.append(f"{var} in {db} {table}.{col}")
+    finally:
+        conn.close()
+    return found
 
 
 def _python_files() -> list[Path]:
@@ -55,6 +84,7 @@ def test_full_run_with_fake_credentials_leaks_nothing(tmp_path: Path, spider_dir
     work.mkdir()
     env = dict(os.environ)
     env.update(SECRETS)
+    env.update(IDENTITIES)
     env["HF_HUB_OFFLINE"] = "1"
     env["TEXT2SQL_CACHE"] = str(tmp_path / "cache")  # the run's cache writes are scanned too
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -73,7 +103,10 @@ def test_full_run_with_fake_credentials_leaks_nothing(tmp_path: Path, spider_dir
     assert (runs / "mlflow.db").is_file()
     assert list((runs / "creds" / "trial-1" / "checkpoints").glob("*/adapter_model.safetensors"))
     assert list((runs / "mlartifacts").rglob("*.safetensors"))
-    assert not list(runs.rglob("*.bin")), "weights must be safetensors, not pickles"
+    # Weights are safetensors. training_args.bin is the Trainer's own pickled record of its
+    # arguments: nothing here unpickles it (see test_checkpoints_are_never_unpickled_blindly).
+    pickles = [p for p in runs.rglob("*.bin") if p.name != "training_args.bin"]
+    assert not pickles, f"weights must be safetensors, not pickles: {pickles}"
 
     scanned = 0
     leaks = []
@@ -82,11 +115,16 @@ def test_full_run_with_fake_credentials_leaks_nothing(tmp_path: Path, spider_dir
         for f in sorted(root.rglob("*")):
             if f.is_file() and not f.is_symlink():
                 texts[str(f)] = f.read_bytes()
+    store = str(runs / "mlflow.db")
     for name, blob in texts.items():
         scanned += 1
         for var, secret in SECRETS.items():
             if secret.encode() in blob:
                 leaks.append(f"{var} in {name}")
+        for var, ident in IDENTITIES.items():
+            if ident.encode() in blob and name != store:  # the store: checked row by row below
+                leaks.append(f"{var} in {name}")
+    leaks += _identities_outside_user_tags(runs / "mlflow.db")
     assert scanned > 50
     assert not leaks, leaks
 

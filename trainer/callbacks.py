@@ -116,9 +116,17 @@ class MlflowLiveLogger:
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         if self.run_id is None:
+            from cluster.mirror import artifact_location
+
             exp = self._client.get_experiment_by_name(self.experiment_name)
+            # Artifacts of a local SQLite store go beside it (runs/mlartifacts), never into
+            # ./mlruns of whatever directory the run was started from.
             exp_id = (
-                exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
+                exp.experiment_id
+                if exp
+                else self._client.create_experiment(
+                    self.experiment_name, artifact_location=artifact_location(self.tracking_uri)
+                )
             )
             run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
             self.run_id = run.info.run_id

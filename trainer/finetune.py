@@ -82,7 +82,7 @@ def build_model(hp: Hyperparameters, tokenizer: Any) -> Any:
     model = load_model(hp.model, quant_config=quant, attn_implementation=attn)
     return apply_adapter(
         model,
-        peft_config(hp.method, hp.lora),
+        peft_config(hp.method, hp.lora, model),
         tokenizer=tokenizer,
         activation_checkpointing=hp.efficiency.activation_checkpointing != "false",
         quantized=quant is not None,
@@ -252,17 +252,28 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
     env.callbacks.insert(0, CheckpointManifest(hp, data, env.experiment_config))
     trainer = build_trainer(hp, model, tokenizer, data, args, env)
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=env.resume_from_checkpoint)
+    finished = _finished_checkpoint_state(env.resume_from_checkpoint, args.max_steps)
+    if finished is not None:
+        # Killed after its last checkpoint: nothing left to train. (transformers 5.23 would
+        # run one more step, max_steps + 1, if asked to resume from a checkpoint at max_steps.)
+        log.info(
+            "checkpoint at step %d already reached max_steps: nothing to train", args.max_steps
+        )
+        trainer.state = finished
+        losses = [h["loss"] for h in finished.log_history if "loss" in h]
+        train_loss = sum(losses) / len(losses) if losses else float("nan")
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=env.resume_from_checkpoint).training_loss
     seconds = time.perf_counter() - t0
     # Always leave the final state in a checkpoint (DetCallback / LocalRunCallback store it).
-    if trainer.state.global_step > _last_saved_step(trainer):
+    if finished is None and trainer.state.global_step > _last_saved_step(trainer):
         trainer._save_checkpoint(trainer.model, trial=None)
         trainer.control = trainer.callback_handler.on_save(args, trainer.state, trainer.control)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "global_step": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "losses": losses,
         "seconds": seconds,
         "data": data.report,
@@ -285,6 +296,7 @@ def prepare(hp: Hyperparameters, *, deepspeed: str | None = None) -> dict[str, A
     from transformers import AutoConfig
 
     from trainer.modeling import (
+        adapted_layers,
         load_tokenizer,
         peft_config,
         quantization_config,
@@ -303,7 +315,7 @@ def prepare(hp: Hyperparameters, *, deepspeed: str | None = None) -> dict[str, A
                 f"training_args.deepspeed {deepspeed}: not a readable JSON file: {e}"
             ) from None
     try:
-        AutoConfig.from_pretrained(
+        model_config = AutoConfig.from_pretrained(
             resolve_model_path(hp.model),
             revision=hp.model.revision,
             trust_remote_code=hp.model.trust_remote_code,
@@ -311,7 +323,11 @@ def prepare(hp: Hyperparameters, *, deepspeed: str | None = None) -> dict[str, A
     except (OSError, ValueError) as e:
         raise UserError(f"model {hp.model.name_or_path!r}: config not loadable: {e}") from None
     quantization_config(hp.method, hp.quantization)
-    peft_config(hp.method, hp.lora)
+    if hp.method != "full" and hp.lora is not None and hp.lora.last_layers is not None:
+        # The full LoraConfig needs the loaded model's layer names; check the numbers here.
+        adapted_layers(hp.lora, getattr(model_config, "num_hidden_layers", None))
+    else:
+        peft_config(hp.method, hp.lora)
     return dict(data.report)
 
 
@@ -350,6 +366,19 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     return out
+
+
+def _finished_checkpoint_state(checkpoint: str | None, max_steps: int) -> Any:
+    """The checkpoint's `TrainerState` when it already reached ``max_steps`` (> 0), else None."""
+    if checkpoint is None or max_steps <= 0:
+        return None
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.is_file():
+        return None
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(path))
+    return state if state.global_step >= max_steps else None
 
 
 def _last_saved_step(trainer: Any) -> int:

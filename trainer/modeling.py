@@ -186,17 +186,53 @@ def quantization_config(method: str, quant: QuantizationArgs | None) -> Any:
     )
 
 
-def peft_config(method: str, lora: LoraArgs | None) -> Any:
-    """A peft LoraConfig for LoRA/QLoRA, else None (full fine-tune)."""
+def adapted_layers(lora: LoraArgs, num_layers: int | None) -> list[int] | None:
+    """Indices of the decoder layers LoRA adapts (None: all of them)."""
+    if lora.last_layers is None:
+        return None
+    if num_layers is None:
+        raise UserError("lora.last_layers needs the model's num_hidden_layers")
+    if lora.last_layers > num_layers:
+        raise UserError(
+            f"lora.last_layers is {lora.last_layers} but the model has {num_layers} layers"
+        )
+    return list(range(num_layers - lora.last_layers, num_layers))
+
+
+def _decoder_linear_names(model: Any) -> list[str]:
+    """Leaf names of the linear layers inside the decoder layers (what "all-linear" means)."""
+    import torch
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if ".layers." in name and isinstance(module, torch.nn.Linear)
+    }
+    return sorted(names)
+
+
+def peft_config(method: str, lora: LoraArgs | None, model: Any = None) -> Any:
+    """A peft LoraConfig for LoRA/QLoRA, else None (full fine-tune).
+
+    ``model`` (the loaded base model) resolves ``lora.last_layers``: peft restricts layers only
+    with explicit module names, so "all-linear" becomes the decoder's linear layer names.
+    """
     if method == "full" or lora is None:
         return None
     from peft import LoraConfig
 
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    layers = adapted_layers(lora, num_layers)
+    target = lora.target_modules
+    if layers is not None and target == "all-linear":
+        target = _decoder_linear_names(model)
     return LoraConfig(
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers is not None else None,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=target,
         modules_to_save=lora.modules_to_save,
         use_rslora=lora.use_rslora,
         bias="none",
@@ -259,17 +295,23 @@ def apply_adapter(
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=activation_checkpointing
         )
-    elif activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora_cfg is not None:
-            model.enable_input_require_grads()
     if activation_checkpointing:
         model.config.use_cache = False
-    if lora_cfg is None:
-        return model
-    from peft import get_peft_model
+    if lora_cfg is not None:
+        from peft import get_peft_model
 
-    return get_peft_model(model, lora_cfg)
+        model = get_peft_model(model, lora_cfg)
+    if activation_checkpointing and not quantized:
+        # Enabled after the adapter so PEFT adds no hook of its own. Non-reentrant
+        # checkpointing gets parameter gradients without the layer inputs requiring grad, so
+        # the hook transformers adds (embedding outputs require grad) is removed again: it
+        # would make autograd run backward through every layer, even those without an
+        # adapter (lora.last_layers), for nothing.
+        base = model.get_base_model() if lora_cfg is not None else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_cfg is not None:
+            base.disable_input_require_grads()
+    return model
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -88,3 +88,41 @@ def test_gc_renames_before_deleting(tmp_path: Path, monkeypatch) -> None:  # typ
     assert [c["steps_completed"] for c in trial.checkpoints()] == [4, 6]
     trial.clean_partial()
     assert len(list(trial.checkpoints_dir.iterdir())) == 2
+
+
+def test_resuming_a_trial_killed_after_its_last_checkpoint_trains_nothing(
+    tmp_path: Path, spider_dir: Path
+) -> None:
+    """Found by test_kill9: transformers 5.23 resumed from a checkpoint at max_steps trains
+    step max_steps + 1. The trainer must see there is nothing left and change nothing."""
+    import subprocess
+
+    from tests import tiny
+    from tests.faults.harness import FAST_OVERRIDES, base_env, text2sql_cmd
+
+    model = tiny.make_tiny_model(tmp_path / "tiny-llama")
+    exp = tiny.write_experiment(tmp_path / "exp.yaml", model, name="done", steps=2)
+    runs = tmp_path / "runs"
+    args = ["run", str(exp), "--runs-dir", str(runs), "--no-mirror", "--no-progress"]
+    args += [a for o in FAST_OVERRIDES for a in ("--set", o)]
+    env = base_env()
+
+    def launch() -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            text2sql_cmd(*args), env=env, cwd=tmp_path, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc
+
+    launch()
+    trial = ExperimentDir(runs / "done").trials()[-1]
+    index = read_jsonl(trial.index_file)
+    assert [e["steps_completed"] for e in index] == [2]
+    trial.update_info(state="ACTIVE")  # as if killed after the checkpoint, before finishing
+    second = launch()
+    out = second.stdout + second.stderr
+    assert "resuming from checkpoint" in out and "nothing to train" in out
+    assert "steps_completed=3" not in out
+    assert read_jsonl(trial.index_file) == index  # no new (untrained) checkpoint
+    assert trial.info()["state"] == "COMPLETED"
+    assert json.loads((trial.path / "summary.json").read_text())["global_step"] == 2
