@@ -134,7 +134,8 @@ class InspectReport:
         if self.complexity:
             extra.append(f"complexity {self.complexity}")
         lines.append(
-            f"subset {self.subset!r}" + (f" ({', '.join(extra)})" if extra else "")
+            f"subset {self.subset!r}"
+            + (f" ({', '.join(extra)})" if extra else "")
             + f": {self.rows_in_subset} rows; {self.duplicates} repeated (question, schema) "
             "pairs will be removed before splitting"
         )
@@ -214,8 +215,13 @@ def plot_histogram(lengths: Sequence[int], max_length: int, path: Path, title: s
         bins = min(60, max(10, len(set(lengths))))
         ax.hist(lengths, bins=bins, range=(0, upper * 1.02), color="#4C72B0", edgecolor="white")
         dropped = sum(n > max_length for n in lengths)
-        ax.axvline(max_length, color="#C44E52", linestyle="--", linewidth=2,
-                   label=f"max_length = {max_length} ({dropped} of {len(lengths)} rows dropped)")
+        ax.axvline(
+            max_length,
+            color="#C44E52",
+            linestyle="--",
+            linewidth=2,
+            label=f"max_length = {max_length} ({dropped} of {len(lengths)} rows dropped)",
+        )
         ax.set_xlabel("tokens per row (prompt + completion)")
         ax.set_ylabel("rows")
         ax.set_title(title)

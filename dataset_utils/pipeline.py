@@ -30,6 +30,7 @@ from dataset_utils.formatting import FormatPlan, plan_format, tokenize_examples
 from dataset_utils.records import Example
 from dataset_utils.settings import cache_dir
 from dataset_utils.sources import LoadedSource, SourceSpec, load_source
+from dataset_utils.sql_style import apply_sql_style
 from dataset_utils.subsets import Splits, select_subset, split_examples
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def prepare_data(
     complexity: Sequence[str] | None = None,
     split: dict[str, Any] | None = None,
     max_length: int = 1024,
+    sql_style: str = "original",
     data_dir: Path | None = None,
     use_cache: bool = True,
 ) -> PreparedData:
@@ -117,6 +119,8 @@ def prepare_data(
         "max_length": max_length,
         "plan": plan.__dict__,
     }
+    if sql_style != "original":  # keeps the cache keys of existing caches valid
+        params["sql_style"] = sql_style
     key = cache_key(loaded, tokenizer, params)
     path = cache_dir("datasets") / key
     if use_cache and (path / "report.json").is_file():
@@ -137,12 +141,20 @@ def prepare_data(
     rows: list[Example] = [e for s in loaded for e in s.examples]
     subset_rows = select_subset(rows, subset, number_of_samples, complexity)
     splits: Splits = split_examples(subset_rows, **split)
+    # After the split (grouped by the original SQL), so the style cannot move a row across it.
+    rewritten = 0
+    for name in ("train", "valid", "test"):
+        styled, n = apply_sql_style(getattr(splits, name), sql_style)
+        setattr(splits, name, styled)
+        rewritten += n
     report: dict[str, Any] = {
         "sources": {s.origin: len(s.examples) for s in loaded},
         "rows_loaded": len(rows),
         "rows_in_subset": len(subset_rows),
         "subset": subset,
         "duplicates_removed": splits.duplicates_removed,
+        "sql_style": sql_style,
+        "sql_rewritten": rewritten,
         "chat_format": plan.chat_format,
         "max_length": max_length,
         "cache": "miss",

@@ -18,6 +18,7 @@ from typing import Any, Union, get_args, get_origin
 from dataset_utils.errors import UserError
 from dataset_utils.formatting import CHAT_FORMATS
 from dataset_utils.sources import FORMATS, SourceSpec
+from dataset_utils.sql_style import SQL_STYLES
 from dataset_utils.subsets import GROUP_BY, SUBSETS
 
 METHODS = ("full", "lora", "qlora")
@@ -156,10 +157,15 @@ class DataArgs:
     complexity: list[str] | None = None
     split: SplitArgs = field(default_factory=SplitArgs)
     max_length: int = 1024
+    # original | dealiased: gold SQL with table names instead of T1/T2 aliases
+    # (dataset_utils/sql_style.py; checked by execution where a database exists).
+    sql_style: str = "original"
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise UserError("sources must list at least one dataset")
+        if self.sql_style not in SQL_STYLES:
+            raise UserError(f"sql_style: unknown {self.sql_style!r}; expected one of {SQL_STYLES}")
         if self.subset not in SUBSETS:
             raise UserError(f"subset: unknown {self.subset!r}; expected one of {SUBSETS}")
         if self.max_length <= 16:

@@ -71,6 +71,7 @@ def build_datasets(hp: Hyperparameters, tokenizer: Any) -> PreparedData:
         complexity=data.complexity,
         split=asdict(data.split),
         max_length=data.max_length,
+        sql_style=data.sql_style,
     )
 
 

@@ -308,7 +308,9 @@ def apply_adapter(
         # would make autograd run backward through every layer, even those without an
         # adapter (lora.last_layers), for nothing.
         base = model.get_base_model() if lora_cfg is not None else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
         if lora_cfg is not None:
             base.disable_input_require_grads()
     return model
