@@ -253,13 +253,13 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
     env.callbacks.insert(0, CheckpointManifest(hp, data, env.experiment_config))
     trainer = build_trainer(hp, model, tokenizer, data, args, env)
     t0 = time.perf_counter()
-    finished = _finished_checkpoint_state(env.resume_from_checkpoint, args.max_steps)
+    # The trainer's own args (build_training_args may be replaced, e.g. in tests).
+    max_steps = int(getattr(trainer.args, "max_steps", 0) or 0)
+    finished = _finished_checkpoint_state(env.resume_from_checkpoint, max_steps)
     if finished is not None:
         # Killed after its last checkpoint: nothing left to train. (transformers 5.23 would
         # run one more step, max_steps + 1, if asked to resume from a checkpoint at max_steps.)
-        log.info(
-            "checkpoint at step %d already reached max_steps: nothing to train", args.max_steps
-        )
+        log.info("checkpoint at step %d already reached max_steps: nothing to train", max_steps)
         trainer.state = finished
         losses = [h["loss"] for h in finished.log_history if "loss" in h]
         train_loss = sum(losses) / len(losses) if losses else float("nan")
