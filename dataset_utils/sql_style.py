@@ -69,13 +69,15 @@ def dealias_checked(example: Example, timeout_s: float = 2.0) -> Example:
     if new == example.sql:
         return example
     if example.db_path:
-        from evaluation.sandbox import run_readonly
+        from evaluation.sandbox import SandboxDB
 
         try:
-            old_res = run_readonly(example.db_path, example.sql, timeout_s=timeout_s)
-            new_res = run_readonly(example.db_path, new, timeout_s=timeout_s)
+            db = SandboxDB.open(example.db_path)
         except FileNotFoundError:
             return example
+        with db:
+            old_res = db.run(example.sql, timeout_s=timeout_s)
+            new_res = db.run(new, timeout_s=timeout_s)
         if not (old_res.ok and new_res.ok and Counter(old_res.rows) == Counter(new_res.rows)):
             return example
     return dataclasses.replace(example, sql=new)

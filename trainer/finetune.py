@@ -261,8 +261,7 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
         # run one more step, max_steps + 1, if asked to resume from a checkpoint at max_steps.)
         log.info("checkpoint at step %d already reached max_steps: nothing to train", max_steps)
         trainer.state = finished
-        losses = [h["loss"] for h in finished.log_history if "loss" in h]
-        train_loss = sum(losses) / len(losses) if losses else float("nan")
+        train_loss = None  # the mean of the logged losses, below
     else:
         train_loss = trainer.train(resume_from_checkpoint=env.resume_from_checkpoint).training_loss
     seconds = time.perf_counter() - t0
@@ -271,6 +270,8 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
         trainer._save_checkpoint(trainer.model, trial=None)
         trainer.control = trainer.callback_handler.on_save(args, trainer.state, trainer.control)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if train_loss is None:
+        train_loss = sum(losses) / len(losses) if losses else float("nan")
     return {
         "global_step": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
