@@ -1,18 +1,23 @@
 """From source specs to tokenized train/valid splits and held-out test examples, cached.
 
-``prepare_data`` = load every source -> difficulty subset -> de-duplicate + split (no leakage)
--> tokenize with completion-only labels (dropping, and counting, rows over ``max_length``).
+``prepare_data`` = load every source -> difficulty subset -> de-duplicate + split (no leakage;
+sources with ``use: train|valid|test`` go wholly to that split) -> Spider hardness of the
+validation and test rows -> optional stratified test sample -> tokenize with completion-only
+labels (dropping, and counting, rows over ``max_length``).
 
 The result is cached under ``cache_dir("datasets", <key>)``, where the key hashes the source
-fingerprints (file contents / Hub fingerprints) and *every* parameter that changes the output:
-subset, number of samples, complexity labels, split fractions, seed and grouping, max length,
-chat format, the prompt templates, and the tokenizer itself (its vocabulary size, chat
-template and the ids it gives a probe string). A changed parameter therefore never reuses a
-stale cache. Writes are atomic (temp dir + rename), so a killed run never leaves half a cache.
+fingerprints (file contents / Hub fingerprints, and each source's whole spec: split, use,
+limit, schema style...) and *every* parameter that changes the output: subset, number of
+samples, complexity labels, split fractions, seed and grouping, SQL style, test sample size
+and seed, max length, chat format, the prompt templates, and the tokenizer itself (its
+vocabulary size, chat template and the ids it gives a probe string). A changed parameter
+therefore never reuses a stale cache. Writes are atomic (temp dir + rename), so a killed run
+never leaves half a cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,14 +32,20 @@ from typing import Any
 from dataset_utils import formatting
 from dataset_utils.errors import UserError
 from dataset_utils.formatting import FormatPlan, plan_format, tokenize_examples
+from dataset_utils.hardness import spider_hardness
 from dataset_utils.records import Example
 from dataset_utils.settings import cache_dir
 from dataset_utils.sources import LoadedSource, SourceSpec, load_source
 from dataset_utils.sql_style import apply_sql_style
-from dataset_utils.subsets import Splits, select_subset, split_examples
+from dataset_utils.subsets import (
+    Splits,
+    assign_splits,
+    select_subset_indices,
+    stratified_sample,
+)
 
 log = logging.getLogger(__name__)
-PIPELINE_VERSION = "5"
+PIPELINE_VERSION = "6"
 _PROBE = 'SELECT name FROM singer WHERE age > 30 -- Schema:\nCREATE TABLE "t" (a INT)'
 
 
@@ -93,6 +104,18 @@ def _read_jsonl(path: Path) -> list[Example]:
         return [Example.from_dict(json.loads(line)) for line in fh if line.strip()]
 
 
+def _with_hardness(e: Example) -> Example:
+    return dataclasses.replace(e, hardness=spider_hardness(e.sql))
+
+
+def _count_by(rows: Sequence[Example], attr: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in rows:
+        key = str(getattr(e, attr))
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def prepare_data(
     *,
     sources: Sequence[SourceSpec],
@@ -104,10 +127,16 @@ def prepare_data(
     split: dict[str, Any] | None = None,
     max_length: int = 1024,
     sql_style: str = "original",
+    test_sample: int | None = None,
+    test_sample_seed: int = 0,
     data_dir: Path | None = None,
     use_cache: bool = True,
 ) -> PreparedData:
-    """Load, subset, split and tokenize (see the module docstring)."""
+    """Load, subset, split and tokenize (see the module docstring).
+
+    ``test_sample``: keep this many test rows, stratified by database and Spider hardness
+    (`dataset_utils.subsets.stratified_sample`, seeded by ``test_sample_seed``); None: all.
+    """
     split = dict(split or {})
     plan = plan_format(chat_format, tokenizer)
     loaded = [load_source(s, data_dir) for s in sources]
@@ -119,8 +148,10 @@ def prepare_data(
         "max_length": max_length,
         "plan": plan.__dict__,
     }
-    if sql_style != "original":  # keeps the cache keys of existing caches valid
+    if sql_style != "original":
         params["sql_style"] = sql_style
+    if test_sample is not None:
+        params["test_sample"] = [test_sample, test_sample_seed]
     key = cache_key(loaded, tokenizer, params)
     path = cache_dir("datasets") / key
     if use_cache and (path / "report.json").is_file():
@@ -139,20 +170,49 @@ def prepare_data(
         )
 
     rows: list[Example] = [e for s in loaded for e in s.examples]
-    subset_rows = select_subset(rows, subset, number_of_samples, complexity)
-    splits: Splits = split_examples(subset_rows, **split)
+    uses = [s.spec.use for s in loaded for _ in s.examples]
+    # number_of_samples cuts the data the recipe trains on, never rows given to valid / test.
+    subset_rows, kept = select_subset_indices(
+        rows, subset, number_of_samples, complexity, [u in ("split", "train") for u in uses]
+    )
+    by_use: dict[str, list[Example]] = {"split": [], "train": [], "valid": [], "test": []}
+    for e, i in zip(subset_rows, kept, strict=True):
+        by_use[uses[i]].append(e)
+    pool = by_use.pop("split")
+    splits: Splits = assign_splits(pool, by_use, **split)
+    # Hardness of every row that is scored (1-2 ms of parsing per query: not the train rows).
+    for name in ("valid", "test"):
+        setattr(splits, name, [_with_hardness(e) for e in getattr(splits, name)])
+    test_in_split = len(splits.test)
+    splits.test = stratified_sample(splits.test, test_sample, test_sample_seed)
     # After the split (grouped by the original SQL), so the style cannot move a row across it.
     rewritten = 0
     for name in ("train", "valid", "test"):
         styled, n = apply_sql_style(getattr(splits, name), sql_style)
         setattr(splits, name, styled)
         rewritten += n
+    databases = {
+        name: sorted({e.db_id for e in getattr(splits, name) if e.db_id})
+        for name in ("train", "valid", "test")
+    }
     report: dict[str, Any] = {
         "sources": {s.origin: len(s.examples) for s in loaded},
+        "source_use": {s.origin: s.spec.use for s in loaded},
         "rows_loaded": len(rows),
         "rows_in_subset": len(subset_rows),
         "subset": subset,
         "duplicates_removed": splits.duplicates_removed,
+        "dropped_overlap": splits.stats.get("dropped_overlap", 0),
+        "databases": {name: len(dbs) for name, dbs in databases.items()},
+        "valid_databases": databases["valid"],
+        # Spider's protocol: 0 (no test database is seen in training or validation).
+        "test_databases_in_training": len(
+            set(databases["test"]) & (set(databases["train"]) | set(databases["valid"]))
+        ),
+        "test_rows_before_sample": test_in_split,
+        "test_sample": test_sample,
+        "test_sample_seed": test_sample_seed,
+        "test_hardness": _count_by(splits.test, "hardness"),
         "sql_style": sql_style,
         "sql_rewritten": rewritten,
         "chat_format": plan.chat_format,

@@ -21,6 +21,9 @@ class Example:
         difficulty: ``easy`` / ``medium`` / ``hard`` by the Determined recipe's word count, or
             None when the length is outside every bucket.
         complexity: the dataset's own complexity label (gretel ``sql_complexity``), else None.
+        hardness: Spider's hardness level of the gold SQL (``easy`` / ``medium`` / ``hard`` /
+            ``extra``, `dataset_utils.hardness`); set on validation and test rows, None where
+            the SQL does not parse.
         instruction: the instruction text for datasets that carry one (Clinton), else "".
         extra: any other original columns worth keeping (``domain``, ``sql_task_type``...).
     """
@@ -33,6 +36,7 @@ class Example:
     db_path: str | None = None
     difficulty: str | None = None
     complexity: str | None = None
+    hardness: str | None = None
     instruction: str = ""
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 

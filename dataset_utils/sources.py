@@ -17,7 +17,9 @@ custom              any; ``columns`` maps question/context/sql      --
 Resolution order for where rows come from: an explicit ``path`` (absolute, or relative to the
 local data directory, or to the current directory); else the format's default file inside the
 local data directory (``../shared/data`` beside the checkout, or ``$TEXT2SQL_DATA``) when it
-exists; else the HuggingFace Hub. Offline with none of them, one `UserError` says how to point
+exists -- for Spider ``spider/`` (the release layout: ``train_spider.json(l)``, ``dev.json(l)``,
+``tables.json``, ``database/``), falling back to the dev-only ``spider_dev/`` for ``split: dev``;
+else the HuggingFace Hub. Offline with none of them, one `UserError` says how to point
 the loader at local files.
 """
 
@@ -44,7 +46,9 @@ class FormatInfo:
     context: str | None
     sql: str
     hub_id: str | None
-    local_default: str | None
+    # Candidates inside the local data directory, first match wins (Spider: the full release
+    # layout ``spider/`` when it holds the requested split, else the dev-only ``spider_dev/``).
+    local_default: tuple[str, ...]
     extras: tuple[str, ...] = ()
     instruction: str | None = None
 
@@ -55,7 +59,7 @@ FORMATS: dict[str, FormatInfo] = {
         context="input",
         sql="response",
         hub_id="Clinton/Text-to-sql-v1",
-        local_default="clinton",
+        local_default=("clinton",),
         extras=("source",),
     ),
     "sql-create-context": FormatInfo(
@@ -63,14 +67,14 @@ FORMATS: dict[str, FormatInfo] = {
         context="context",
         sql="answer",
         hub_id="b-mc2/sql-create-context",
-        local_default="sql-create-context/sample.jsonl",
+        local_default=("sql-create-context/sample.jsonl",),
     ),
     "gretel": FormatInfo(
         question="sql_prompt",
         context="sql_context",
         sql="sql",
         hub_id="gretelai/synthetic_text_to_sql",
-        local_default="gretel",
+        local_default=("gretel",),
         extras=(
             "id",
             "domain",
@@ -86,19 +90,26 @@ FORMATS: dict[str, FormatInfo] = {
         context=None,
         sql="query",
         hub_id="xlangai/spider",
-        local_default="spider_dev",
+        local_default=("spider", "spider_dev"),
     ),
     "custom": FormatInfo(
-        question="question", context="context", sql="sql", hub_id=None, local_default=None
+        question="question", context="context", sql="sql", hub_id=None, local_default=()
     ),
 }
 
+# Spider's own file names (the release archive has .json, our staged copy .jsonl).
+# ``train_others`` is Spider's extra training split (questions over Restaurants/GeoQuery/...
+# databases); ``train`` is Spider train proper, as the papers use it.
 _SPIDER_SPLIT_FILES = {
     "dev": ("dev.jsonl", "dev.json"),
     "validation": ("dev.jsonl", "dev.json"),
     "train": ("train_spider.jsonl", "train_spider.json", "train.jsonl", "train.json"),
+    "train_others": ("train_others.jsonl", "train_others.json"),
     "test": ("test.jsonl", "test.json"),
 }
+# What a source is used for: ``split`` = the ratio split (`data.split`) as before; ``train`` /
+# ``valid`` / ``test`` = every row of it goes to that split (e.g. Spider dev as the test set).
+SOURCE_USES = ("split", "train", "valid", "test")
 _TABLE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 
 
@@ -111,7 +122,11 @@ class SourceSpec:
         path: local file or directory (absolute, or relative to the local data directory or
             the current directory). None: the format's default local copy, else the Hub.
         hub_id: HuggingFace dataset id; defaults to the format's canonical id.
-        split: dataset split to read (Hub) or, for Spider directories, which file.
+        split: dataset split to read (Hub) or, for Spider directories, which file (``train``
+            = ``train_spider.json(l)``, ``dev``, ``train_others``, ``test``). None: ``train``,
+            except that a folder holding a single rows file reads that file.
+        use: ``split`` (the rows go through the ratio split) or ``train`` / ``valid`` / ``test``
+            (every row goes to that split; see `dataset_utils.subsets.assign_splits`).
         columns: for ``custom`` (or to override): mapping of ``question``/``context``/``sql``
             (and optionally ``db_id``, ``complexity``) to the file's column names.
         database_dir: Spider-style only: folder holding ``<db_id>/<db_id>.sqlite``.
@@ -123,13 +138,19 @@ class SourceSpec:
     format: str
     path: str | None = None
     hub_id: str | None = None
-    split: str = "train"
+    split: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     database_dir: str | None = None
     limit: int | None = None
     schema_style: str = "ddl"
+    use: str = "split"
 
     def __post_init__(self) -> None:
+        if self.use not in SOURCE_USES:
+            raise UserError(
+                f"unknown use {self.use!r} for a {self.format} source; expected one of "
+                f"{', '.join(SOURCE_USES)}"
+            )
         if self.schema_style not in SCHEMA_STYLES:
             raise UserError(
                 f"unknown schema_style {self.schema_style!r}; expected one of "
@@ -271,38 +292,64 @@ def _load_hub(spec: SourceSpec) -> tuple[list[dict[str, Any]], str, str]:
             f"dataset {hub_id!r} is not available locally and the HuggingFace Hub is offline "
             "(HF_HUB_OFFLINE=1). Point the loader at local files: set the source's `path` "
             "(e.g. --set data.sources.0.path=/data/my.jsonl) or TEXT2SQL_DATA=<folder holding "
-            f"{FORMATS[spec.format].local_default or 'your files'}>"
+            f"{' or '.join(FORMATS[spec.format].local_default) or 'your files'}>"
         )
     import datasets
 
+    split = spec.split or "train"
     try:
-        ds = datasets.load_dataset(hub_id, split=spec.split)
+        ds = datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # noqa: BLE001 - network/auth/missing: all user-facing here
         raise UserError(
-            f"could not load {hub_id!r} (split {spec.split!r}) from the HuggingFace Hub: "
+            f"could not load {hub_id!r} (split {split!r}) from the HuggingFace Hub: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Point the loader "
             "at local files with the source's `path`, or TEXT2SQL_DATA=<folder>"
         ) from None
     if spec.limit:
         ds = ds.select(range(min(spec.limit, len(ds))))
-    return list(ds), f"hub:{hub_id}:{spec.split}:{ds._fingerprint}", f"hub:{hub_id}"
+    return list(ds), f"hub:{hub_id}:{split}:{ds._fingerprint}", f"hub:{hub_id}"
 
 
-def _find_spider_rows_file(folder: Path, split: str) -> Path:
-    names = _SPIDER_SPLIT_FILES.get(split, (f"{split}.jsonl", f"{split}.json"))
+def _spider_rows_file(folder: Path, split: str | None) -> Path | None:
+    """The rows file of ``split`` in a Spider-layout folder, or None when there is none.
+
+    No split given: a folder with a single rows file reads it (a dev-only copy, or your own
+    rows), else ``train``. A split given explicitly never falls back to another split's file
+    (``split: train`` on a dev-only folder would otherwise train on the test set).
+    """
+    names = _SPIDER_SPLIT_FILES.get(split or "train", (f"{split}.jsonl", f"{split}.json"))
     for name in names:
         if (folder / name).is_file():
             return folder / name
-    # A folder with a single rows file: take it whatever the split is called.
     files = [
         p for p in folder.iterdir() if p.suffix in {".jsonl", ".json"} and p.name != "tables.json"
     ]
-    if len(files) == 1:
+    known = {n for ns in _SPIDER_SPLIT_FILES.values() for n in ns}
+    if len(files) == 1 and (split is None or files[0].name not in known):
         return files[0]
-    raise UserError(
-        f"Spider folder {folder} has no rows file for split {split!r} "
-        f"(expected one of {', '.join(names)})"
-    )
+    return None
+
+
+def _find_spider_rows_file(folder: Path, split: str | None) -> Path:
+    found = _spider_rows_file(folder, split)
+    if found is None:
+        names = _SPIDER_SPLIT_FILES.get(split or "train", (f"{split}.jsonl", f"{split}.json"))
+        raise UserError(
+            f"Spider folder {folder} has no rows file for split {split or 'train'!r} "
+            f"(expected one of {', '.join(names)})"
+        )
+    return found
+
+
+def _local_default(spec: SourceSpec, base: Path) -> Path | None:
+    """The first of the format's default folders that exists (and, for Spider, holds the
+    requested split); else the first that exists, so that its error names what is missing."""
+    existing = [base / c for c in FORMATS[spec.format].local_default if (base / c).exists()]
+    if spec.format == "spider":
+        for candidate in existing:
+            if candidate.is_dir() and _spider_rows_file(candidate, spec.split) is not None:
+                return candidate.resolve()
+    return existing[0].resolve() if existing else None
 
 
 def _coerce_text(value: Any, *, column: str, row_no: int, origin: str, required: bool) -> str:
@@ -407,15 +454,12 @@ def _normalize(
 
 def load_source(spec: SourceSpec, data_dir: Path | None = None) -> LoadedSource:
     """Load one source into normalized examples (see the module docstring for resolution)."""
-    info = FORMATS[spec.format]
     base = data_dir or shared_data_dir()
     local: Path | None = None
     if spec.path:
         local = resolve_local_path(spec.path, base)
-    elif spec.hub_id is None and base is not None and info.local_default:
-        candidate = base / info.local_default
-        if candidate.exists():
-            local = candidate.resolve()
+    elif spec.hub_id is None and base is not None:
+        local = _local_default(spec, base)
 
     database_dir = Path(spec.database_dir).expanduser() if spec.database_dir else None
     if database_dir is not None and not database_dir.is_absolute():

@@ -36,6 +36,12 @@ def spider_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def spider_full_dir() -> Path:
+    """Spider train + dev in the release layout (``train_spider.jsonl``, ``dev.jsonl``, ...)."""
+    return _require(SHARED / "data" / "spider", "Spider train + dev")
+
+
+@pytest.fixture(scope="session")
 def sql_create_context_path() -> Path:
     return _require(SHARED / "data" / "sql-create-context" / "sample.jsonl", "sql-create-context")
 

@@ -136,11 +136,25 @@ def test_spider_schema_styles_shrink_and_keep_keys(spider_dir: Path) -> None:
     assert "FOREIGN KEY" in joined["ddl"] and "FOREIGN KEY" in joined["compact"]
 
 
-def test_spider_from_local_data_dir_default(spider_dir: Path, monkeypatch) -> None:
+def test_spider_from_local_data_dir_default(
+    spider_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # The full release layout (spider/) when present ...
     monkeypatch.setenv("TEXT2SQL_DATA", str(spider_dir.parent))
     loaded = load_source(SourceSpec(format="spider", split="dev"))
     assert len(loaded.examples) == 972
+    assert loaded.origin == str((spider_dir.parent / "spider" / "dev.jsonl").resolve())
+    # ... else the dev-only copy, for dev; never for train (that would train on dev).
+    (tmp_path / "spider_dev").symlink_to(spider_dir)
+    monkeypatch.setenv("TEXT2SQL_DATA", str(tmp_path))
+    loaded = load_source(SourceSpec(format="spider", split="dev"))
     assert loaded.origin == str((spider_dir / "dev.jsonl").resolve())
+    assert len(loaded.examples) == 972
+    with pytest.raises(UserError) as ei:
+        load_source(SourceSpec(format="spider", split="train"))
+    assert "has no rows file for split 'train'" in user_error(ei)
+    # No split named: a folder holding one rows file reads it (as before).
+    assert len(load_source(SourceSpec(format="spider")).examples) == 972
 
 
 def test_spider_needs_its_databases(tmp_path: Path) -> None:

@@ -193,7 +193,7 @@ def test_split_other_fractions() -> None:
     [
         ({"train": 0.8, "valid": 0.1, "test": 0.2}, "split fractions must sum to 1"),
         ({"train": 1.2, "valid": -0.1, "test": -0.1}, "must be between 0 and 1"),
-        ({"group_by": "db"}, "unknown group_by 'db'; expected one of none, sql"),
+        ({"group_by": "table"}, "unknown group_by 'table'; expected one of none, sql, db"),
     ],
 )
 def test_split_argument_errors(kwargs: dict[str, object], message: str) -> None:

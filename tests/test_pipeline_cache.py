@@ -143,6 +143,10 @@ CHANGES: dict[str, dict[str, Any]] = {
     "split_fractions": {"split": {"train": 0.7, "valid": 0.15, "test": 0.15, "seed": 123}},
     "split_group_by": {"split": {"train": 0.8, "valid": 0.1, "test": 0.1, "seed": 123,
                                  "group_by": "sql"}},
+    "split_group_by_db": {"split": {"train": 0.8, "valid": 0.1, "test": 0.1, "seed": 123,
+                                    "group_by": "db"}},
+    "test_sample": {"test_sample": 3},
+    "test_sample_seed": {"test_sample": 3, "test_sample_seed": 1},
     "max_length": {"max_length": 512},
     "chat_format_plain": {"chat_format": "plain"},
     "chat_format_tokenizer": {"chat_format": "tokenizer"},
@@ -155,6 +159,8 @@ def test_any_parameter_change_is_a_miss(env: Env, smollm2: Any, change: str) -> 
     if change == "complexity":
         # Baseline on the same gretel source without the filter.
         base_over = {"sources": CHANGES[change]["sources"]}
+    if change == "test_sample_seed":
+        base_over = {"test_sample": 3}
     base = _prepare(env, smollm2, **base_over)
     assert base.report["cache"] == "miss"
     changed = _prepare(env, smollm2, **CHANGES[change])
@@ -164,6 +170,24 @@ def test_any_parameter_change_is_a_miss(env: Env, smollm2: Any, change: str) -> 
     assert _prepare(env, smollm2, **CHANGES[change]).report["cache"] == "hit"
     assert _prepare(env, smollm2, **base_over).report["cache"] == "hit"
     assert list(env.cwd.iterdir()) == []
+
+
+def test_source_use_change_is_a_miss(env: Env, smollm2: Any, tmp_path: Path) -> None:
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in _rows(12)), encoding="utf-8")
+    sources = [SourceSpec(format="sql-create-context", path=str(env.data))]
+    as_split = _prepare(env, smollm2, sources=[*sources, SourceSpec(
+        format="sql-create-context", path=str(other))])
+    as_test = _prepare(env, smollm2, sources=[*sources, SourceSpec(
+        format="sql-create-context", path=str(other), use="test")])
+    assert as_test.report["cache"] == "miss" and as_test.cache_path != as_split.cache_path
+    # The 12 rows of the second file (copies of the first file's first 12) are all in the
+    # test split, once each, and none of them is left in train or valid.
+    test_q = [e.question for e in as_test.examples["test"]]
+    assert {r["question"] for r in _rows(12)} <= set(test_q) and len(test_q) == len(set(test_q))
+    seen = {e.question for name in ("train", "valid") for e in as_test.examples[name]}
+    assert not seen & set(test_q)
+    assert as_test.report["dropped_overlap"] > 0
 
 
 def test_source_file_contents_change_is_a_miss(env: Env, smollm2: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Union, get_args, get_origin
 
 from dataset_utils.errors import UserError
 from dataset_utils.formatting import CHAT_FORMATS
-from dataset_utils.sources import FORMATS, SourceSpec
+from dataset_utils.sources import FORMATS, SOURCE_USES, SourceSpec
 from dataset_utils.sql_style import SQL_STYLES
 from dataset_utils.subsets import GROUP_BY, SUBSETS
 
@@ -110,10 +110,14 @@ class QuantizationArgs:
 
 @dataclass
 class SplitArgs:
+    """Ratio split of the sources with ``use: split`` (dataset_utils/subsets.py)."""
+
     train: float = 0.8
     valid: float = 0.1
     test: float = 0.1
     seed: int = 123
+    # none | sql (paraphrases of one gold query stay together) | db (whole databases: a
+    # cross-database validation / test split, as Spider's own train/dev split)
     group_by: str = "none"
 
     def __post_init__(self) -> None:
@@ -131,17 +135,24 @@ class SourceArgs:
     format: str
     path: str | None = None
     hub_id: str | None = None
-    split: str = "train"
+    # Which file / Hub split: Spider folders have train (train_spider.json[l]), dev,
+    # train_others; null = train (a folder with a single rows file: that file).
+    split: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     database_dir: str | None = None
     limit: int | None = None
     schema_style: str = "ddl"
+    # split: the rows go through data.split's ratio split; train | valid | test: all of them go
+    # to that split (Spider protocol: spider train -> split or train, spider dev -> test).
+    use: str = "split"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise UserError(
                 f"format: unknown {self.format!r}; expected one of {', '.join(sorted(FORMATS))}"
             )
+        if self.use not in SOURCE_USES:
+            raise UserError(f"use: unknown {self.use!r}; expected one of {', '.join(SOURCE_USES)}")
 
     def to_spec(self) -> SourceSpec:
         return SourceSpec(**dataclasses.asdict(self))
@@ -160,10 +171,22 @@ class DataArgs:
     # original | dealiased: gold SQL with table names instead of T1/T2 aliases
     # (dataset_utils/sql_style.py; checked by execution where a database exists).
     sql_style: str = "original"
+    # Keep this many test rows, drawn stratified by database and Spider hardness (every
+    # database gets one when test_sample >= their number), reproducibly from
+    # test_sample_seed; null = the whole test split.
+    test_sample: int | None = None
+    test_sample_seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise UserError("sources must list at least one dataset")
+        if self.test_sample is not None and self.test_sample <= 0:
+            raise UserError(f"test_sample must be positive, found {self.test_sample}")
+        uses = {s.use for s in self.sources}
+        if "split" not in uses and "train" not in uses:
+            raise UserError(
+                "sources: no training data: give at least one source use: split or use: train"
+            )
         if self.sql_style not in SQL_STYLES:
             raise UserError(f"sql_style: unknown {self.sql_style!r}; expected one of {SQL_STYLES}")
         if self.subset not in SUBSETS:

@@ -72,6 +72,8 @@ def build_datasets(hp: Hyperparameters, tokenizer: Any) -> PreparedData:
         split=asdict(data.split),
         max_length=data.max_length,
         sql_style=data.sql_style,
+        test_sample=data.test_sample,
+        test_sample_seed=data.test_sample_seed,
     )
 
 
