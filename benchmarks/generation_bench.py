@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        rows = load_source(SourceSpec(format="spider", schema_style=args.schema_style)).examples
+        spec = SourceSpec(format="spider", split="dev", schema_style=args.schema_style)
+        rows = load_source(spec).examples
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 HARDNESS_LEVELS = ("easy", "medium", "hard", "extra")
+# Part of the dataset cache key (levels are stored with cached examples): bump on any change
+# that can move a query to another level.
+HARDNESS_VERSION = "1"
 
 
 @dataclass(frozen=True)

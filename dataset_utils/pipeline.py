@@ -32,7 +32,7 @@ from typing import Any
 from dataset_utils import formatting
 from dataset_utils.errors import UserError
 from dataset_utils.formatting import FormatPlan, plan_format, tokenize_examples
-from dataset_utils.hardness import spider_hardness
+from dataset_utils.hardness import HARDNESS_VERSION, spider_hardness
 from dataset_utils.records import Example
 from dataset_utils.settings import cache_dir
 from dataset_utils.sources import LoadedSource, SourceSpec, load_source
@@ -78,6 +78,7 @@ def cache_key(loaded: Sequence[LoadedSource], tokenizer: Any, params: dict[str, 
         "sources": [s.fingerprint for s in loaded],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "templates": [formatting.SYSTEM_PROMPT, formatting.PLAIN_TEMPLATE],
+        "hardness": HARDNESS_VERSION,
         **params,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[

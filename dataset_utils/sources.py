@@ -36,7 +36,12 @@ from typing import Any
 
 from dataset_utils.errors import UserError
 from dataset_utils.records import Example
-from dataset_utils.schema import SCHEMA_STYLES, schema_from_sqlite
+from dataset_utils.schema import (
+    FOREIGN_KEY_SOURCES,
+    SCHEMA_STYLES,
+    relevant_tables,
+    schema_from_sqlite,
+)
 from dataset_utils.settings import hub_offline, shared_data_dir
 
 
@@ -133,6 +138,12 @@ class SourceSpec:
         limit: keep only the first ``limit`` rows (applied while reading).
         schema_style: Spider-style only: how the schema read from SQLite is rendered
             (``ddl``, ``compact``, ``columns``; see `dataset_utils.schema`).
+        foreign_keys: Spider-style only: ``sqlite`` (the file's declarations), ``tables_json``
+            (Spider's ``tables.json`` beside the rows file or the database folder) or ``none``;
+            None: the style's default (sqlite for ddl/compact, none for columns).
+        sample_values: Spider-style only: show the first N distinct values of every column.
+        max_tables: Spider-style only: keep only the N tables most related to the question
+            (lexical overlap, plus link tables) when the database has more; None: all.
     """
 
     format: str
@@ -144,8 +155,20 @@ class SourceSpec:
     limit: int | None = None
     schema_style: str = "ddl"
     use: str = "split"
+    foreign_keys: str | None = None
+    sample_values: int = 0
+    max_tables: int | None = None
 
     def __post_init__(self) -> None:
+        if self.foreign_keys is not None and self.foreign_keys not in FOREIGN_KEY_SOURCES:
+            raise UserError(
+                f"unknown foreign_keys {self.foreign_keys!r}; expected one of "
+                f"{', '.join(FOREIGN_KEY_SOURCES)}"
+            )
+        if self.sample_values < 0:
+            raise UserError(f"sample_values must be >= 0, found {self.sample_values}")
+        if self.max_tables is not None and self.max_tables <= 0:
+            raise UserError(f"max_tables must be a positive integer, found {self.max_tables}")
         if self.use not in SOURCE_USES:
             raise UserError(
                 f"unknown use {self.use!r} for a {self.format} source; expected one of "
@@ -381,7 +404,11 @@ def _check_columns(
 
 
 def _normalize(
-    rows: list[dict[str, Any]], spec: SourceSpec, origin: str, database_dir: Path | None
+    rows: list[dict[str, Any]],
+    spec: SourceSpec,
+    origin: str,
+    database_dir: Path | None,
+    tables_json: Path | None = None,
 ) -> Iterator[Example]:
     info = FORMATS[spec.format]
     cols = {
@@ -431,7 +458,23 @@ def _normalize(
                 raise UserError(f"{origin}: row {i}: database {db_id!r} not found at {candidate}")
             db_path = str(candidate)
             if not context:
-                context = schema_from_sqlite(db_path, spec.schema_style)
+                keep = (
+                    relevant_tables(db_path, question, spec.max_tables)
+                    if spec.max_tables is not None
+                    else None
+                )
+                try:
+                    context = schema_from_sqlite(
+                        db_path,
+                        spec.schema_style,
+                        foreign_keys=spec.foreign_keys,
+                        tables_json=str(tables_json) if tables_json else None,
+                        db_id=db_id,
+                        sample_values_per_column=spec.sample_values,
+                        keep_tables=keep,
+                    )
+                except KeyError as e:  # the database is not in tables.json
+                    raise UserError(f"{origin}: row {i}: {e.args[0]}") from None
         elif db_id is not None and not context:
             raise UserError(
                 f"{origin}: Spider-style rows need their SQLite databases; set database_dir "
@@ -491,11 +534,32 @@ def load_source(spec: SourceSpec, data_dir: Path | None = None) -> LoadedSource:
             f"{origin}: Spider-style rows need their SQLite databases; set database_dir to the "
             "folder holding <db_id>/<db_id>.sqlite"
         )
-    examples = list(_normalize(rows, spec, origin, database_dir))
+    tables_json = None
+    if spec.foreign_keys == "tables_json":
+        tables_json = _find_tables_json(local, database_dir, origin)
+        fingerprint += _fingerprint_path(tables_json)
+    examples = list(_normalize(rows, spec, origin, database_dir, tables_json))
     digest = hashlib.sha256(
         (fingerprint + json.dumps(spec.__dict__, sort_keys=True, default=str)).encode()
     ).hexdigest()[:16]
     return LoadedSource(spec=spec, examples=examples, fingerprint=digest, origin=origin)
+
+
+def _find_tables_json(local: Path | None, database_dir: Path | None, origin: str) -> Path:
+    """Spider's ``tables.json``: beside the rows file (or in the folder), else beside
+    ``database/``."""
+    candidates = []
+    if local is not None:
+        candidates.append((local if local.is_dir() else local.parent) / "tables.json")
+    if database_dir is not None:
+        candidates.append(database_dir.parent / "tables.json")
+    for c in candidates:
+        if c.is_file():
+            return c
+    tried = ", ".join(str(c) for c in candidates) or "nowhere (no local folder)"
+    raise UserError(
+        f"{origin}: foreign_keys: tables_json needs Spider's tables.json (looked at: {tried})"
+    )
 
 
 def env_data_hint() -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from dataset_utils.errors import UserError
 from dataset_utils.formatting import FormatPlan
+from dataset_utils.hardness import HARDNESS_LEVELS
 from dataset_utils.records import Example
 from evaluation.generation import Generation, generate_sql
 from evaluation.judge import EvalResult, GoldCache, score
@@ -195,6 +196,19 @@ def summary_table(results: dict[str, EvalResult]) -> str:
                 lambda r, d=d: (
                     f"{100 * r.by_difficulty[d].exec_accuracy:.1f}% (n={r.by_difficulty[d].n})"
                     if d in r.by_difficulty
+                    else "-"
+                ),
+            )
+        )
+    for level in HARDNESS_LEVELS:
+        if not any(level in r.by_hardness for r in results.values()):
+            continue
+        rows.append(
+            (
+                f"exec. accuracy (Spider {level})",
+                lambda r, h=level: (
+                    f"{100 * r.by_hardness[h].exec_accuracy:.1f}% (n={r.by_hardness[h].n})"
+                    if h in r.by_hardness
                     else "-"
                 ),
             )

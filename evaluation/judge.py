@@ -13,6 +13,13 @@ All execution goes through `evaluation.sandbox` (read-only, authorizer, time lim
 comparison follows `evaluation.execution` (multisets unless gold has a top-level ORDER BY;
 column permutations tolerated; normalized values).
 
+Every verdict also carries a category (``Judgement.category``, `ERROR_CATEGORIES`): ``correct``;
+for a prediction that does not run, from the sandbox's error message (`categorize_error`): ``no
+such table``, ``no such column``, ``syntax error`` (SQLite's "syntax error", "incomplete input",
+"unrecognized token", or no SQL at all), ``timeout``, ``other execution error`` (everything
+else: a refused non-query, a misused aggregate, an ambiguous column...); for one that runs:
+``empty result`` (no rows where gold has some) or ``wrong result``; and ``unjudgeable``.
+
 When the gold query itself fails (or exceeds the row cap) the example is **unjudgeable**:
 ``exec_correct is None``, counted in ``n`` but not in ``n_judgeable``, so execution accuracy
 is ``correct / n_judgeable``. A prediction that errors, times out, is refused, or crashes the
@@ -57,6 +64,33 @@ from evaluation.synth_db import (
 METHODS = ("real_db", "synthetic_db", "inserts")
 MAX_ROWS = 10_000
 NO_LABEL = "(none)"
+# Why a prediction is wrong, in report order; with "correct" and "unjudgeable" these are the
+# values of `Judgement.category`.
+ERROR_CATEGORIES = (
+    "no such table",
+    "no such column",
+    "syntax error",
+    "other execution error",
+    "timeout",
+    "wrong result",
+    "empty result",
+)
+CATEGORIES = ("correct", *ERROR_CATEGORIES, "unjudgeable")
+_SYNTAX = ("syntax error", "incomplete input", "unrecognized token")
+
+
+def categorize_error(error: str | None) -> str:
+    """The category of a prediction that did not run, from the sandbox's error message."""
+    text = (error or "").lower()
+    if text.startswith("timed out"):
+        return "timeout"
+    if "no such table" in text:
+        return "no such table"
+    if "no such column" in text:
+        return "no such column"
+    if text == "empty sql" or any(s in text for s in _SYNTAX):
+        return "syntax error"
+    return "other execution error"
 
 
 @dataclass
@@ -73,6 +107,7 @@ class Judgement:
         method: ``real_db`` | ``synthetic_db`` | ``inserts``.
         pred_sql: the SQL that was judged.
         unjudgeable_reason: set when ``exec_correct is None`` (the gold query's problem).
+        category: one of `CATEGORIES` (see the module docstring).
     """
 
     exec_correct: bool | None
@@ -83,6 +118,7 @@ class Judgement:
     method: str
     pred_sql: str = ""
     unjudgeable_reason: str | None = None
+    category: str = ""
 
 
 @dataclass
@@ -101,20 +137,31 @@ class Metrics:
 
 @dataclass
 class EvalResult:
-    """Per-example judgements plus aggregates overall, per difficulty and per complexity."""
+    """Per-example judgements plus aggregates overall, per difficulty (word count), per Spider
+    hardness level, per complexity and per source."""
 
     judgements: list[Judgement]
     overall: Metrics
     by_difficulty: dict[str, Metrics] = field(default_factory=dict)
     by_complexity: dict[str, Metrics] = field(default_factory=dict)
     by_source: dict[str, Metrics] = field(default_factory=dict)
+    by_hardness: dict[str, Metrics] = field(default_factory=dict)
+
+    def categories(self) -> dict[str, int]:
+        """How many judgements fall in each of `CATEGORIES` (all of them, zeros included)."""
+        counts = dict.fromkeys(CATEGORIES, 0)
+        for j in self.judgements:
+            counts[j.category] = counts.get(j.category, 0) + 1
+        return counts
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "overall": asdict(self.overall),
             "by_difficulty": {k: asdict(v) for k, v in self.by_difficulty.items()},
+            "by_hardness": {k: asdict(v) for k, v in self.by_hardness.items()},
             "by_complexity": {k: asdict(v) for k, v in self.by_complexity.items()},
             "by_source": {k: asdict(v) for k, v in self.by_source.items()},
+            "categories": self.categories(),
             "judgements": [asdict(j) for j in self.judgements],
         }
 
@@ -138,6 +185,14 @@ class EvalResult:
             if label != NO_LABEL:
                 out[f"{prefix}execution_accuracy_{label}"] = m.exec_accuracy
                 out[f"{prefix}executable_{label}"] = m.executable_rate
+        # Spider hardness shares level names with the word-count difficulty: its own prefix.
+        for label, m in self.by_hardness.items():
+            if label != NO_LABEL:
+                out[f"{prefix}execution_accuracy_hardness_{label}"] = m.exec_accuracy
+        n = max(1, self.overall.n)
+        for category, count in self.categories().items():
+            if category in ERROR_CATEGORIES:
+                out[f"{prefix}error_{category.replace(' ', '_')}"] = count / n
         return out
 
 
@@ -305,7 +360,7 @@ def judge_example(
         )
     except Exception as e:  # noqa: BLE001 - e.g. an unparseable context: the example's problem
         reason = f"no database for this example: {type(e).__name__}: {e}"[:300]
-        return Judgement(None, False, exact, valid, reason, method, pred_sql, reason)
+        return Judgement(None, False, exact, valid, reason, method, pred_sql, reason, "unjudgeable")
 
     cache = gold_cache if gold_cache is not None else _DEFAULT_GOLD_CACHE
     key = (target.method, target.identity, example.sql, MAX_ROWS, timeout_s)
@@ -334,23 +389,46 @@ def judge_example(
         preds = target.run_all(pred_sql, timeout_s, stop=stop)
     except Exception as e:  # noqa: BLE001 - a judge bug must not abort the evaluation
         err = f"judge error: {type(e).__name__}: {e}"[:300]
-        verdict = None if problem else False
-        return Judgement(verdict, False, exact, valid, err, method, pred_sql, problem)
+        verdict, category = (None, "unjudgeable") if problem else (False, "other execution error")
+        return Judgement(verdict, False, exact, valid, err, method, pred_sql, problem, category)
     failed = next((r for r in preds if not r.ok), None)
     executable = failed is None
     error = failed.error if failed is not None else None
     if problem is not None:
         return Judgement(
-            None, executable, exact, valid, error or problem, method, pred_sql, problem
+            None,
+            executable,
+            exact,
+            valid,
+            error or problem,
+            method,
+            pred_sql,
+            problem,
+            "unjudgeable",
         )
     if failed is not None:
-        return Judgement(False, False, exact, valid, error, method, pred_sql)
+        category = categorize_error(error)
+        return Judgement(False, False, exact, valid, error, method, pred_sql, None, category)
     if any(r.truncated for r in preds):
         return Judgement(
-            False, True, exact, valid, f"result exceeds {MAX_ROWS} rows", method, pred_sql
+            False,
+            True,
+            exact,
+            valid,
+            f"result exceeds {MAX_ROWS} rows",
+            method,
+            pred_sql,
+            None,
+            "wrong result",
         )
     correct = len(agrees) == len(gold) and all(agrees)
-    return Judgement(correct, True, exact, valid, None, method, pred_sql)
+    if correct:
+        return Judgement(True, True, exact, valid, None, method, pred_sql, None, "correct")
+    # Wrong on the database where it first disagreed with gold: empty or not?
+    last = len(preds) - 1
+    empty = not preds[last].rows and bool(gold[last].rows)
+    category = "empty result" if empty else "wrong result"
+    return Judgement(False, True, exact, valid, None, method, pred_sql, None, category)
 
 
 def _metrics(judgements: Sequence[Judgement], preds: Sequence[str], refs: Sequence[str]) -> Metrics:
@@ -403,8 +481,9 @@ def score(
 ) -> EvalResult:
     """Judge every prediction and aggregate (see the module docstring and `Metrics`).
 
-    ``by_complexity`` is filled only when some example has a ``complexity`` label; examples
-    without a difficulty (or complexity) are grouped under ``"(none)"``.
+    ``by_complexity`` / ``by_hardness`` are filled only when some example has a
+    ``complexity`` / ``hardness`` label; examples without a difficulty (or complexity, or
+    hardness) are grouped under ``"(none)"``.
     """
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
@@ -430,10 +509,14 @@ def score(
     by_complexity: dict[str, Metrics] = {}
     if any(ex.complexity for ex in examples):
         by_complexity = _grouped([ex.complexity for ex in examples], judgements, preds, refs)
+    by_hardness: dict[str, Metrics] = {}
+    if any(ex.hardness for ex in examples):
+        by_hardness = _grouped([ex.hardness for ex in examples], judgements, preds, refs)
     return EvalResult(
         judgements=judgements,
         overall=_metrics(judgements, preds, refs),
         by_difficulty=_grouped([ex.difficulty for ex in examples], judgements, preds, refs),
         by_complexity=by_complexity,
         by_source=_grouped([ex.source for ex in examples], judgements, preds, refs),
+        by_hardness=by_hardness,
     )

@@ -3,16 +3,22 @@
 `write_report` takes one `EvalResult` per model label ("base", "adapter", ...) scored on the same
 examples and writes into ``out_dir``:
 
-- ``report.json``: title, per-model aggregates (overall, per difficulty, per complexity) and
-  the per-example rows;
-- ``report.md``: a summary table per model and per difficulty, then one row per example
-  (question, gold SQL, each model's SQL and whether it was correct);
-- ``exec_accuracy.png``: grouped bars of execution accuracy per difficulty, one bar per model
+- ``report.json``: title, per-model aggregates (overall, per difficulty, per Spider hardness,
+  per complexity, error categories) and the per-example rows;
+- ``report.md``: a summary table per model, per difficulty, per Spider hardness level and per
+  error category, then one row per example (question, gold SQL, each model's SQL and verdict);
+- ``per_example.csv``: the per-example rows (with each example's difficulty, hardness and
+  each model's verdict category);
+- ``exec_accuracy.png``: grouped bars of execution accuracy per difficulty, one bar per model;
+  ``exec_accuracy_hardness.png``: the same per Spider hardness level (when examples carry
+  one); ``errors.png``: how many predictions fall in each error category, per model
   (matplotlib, Agg backend -- no display needed).
 
 `log_report_to_mlflow` logs the metrics (``{label}_exec_accuracy``,
-``{label}_exec_accuracy_{difficulty}``, ...), the PNG and the per-example table to the active
-MLflow run, or to a new run when only ``MLFLOW_TRACKING_URI`` is set; otherwise it does nothing.
+``{label}_exec_accuracy_{difficulty}``, ``{label}_exec_accuracy_hardness_{level}``,
+``{label}_error_{category}`` as a fraction of the examples, ...), the charts and the
+per-example table to the active MLflow run, or to a new run when only ``MLFLOW_TRACKING_URI``
+is set; otherwise it does nothing.
 
 Usage::
 
@@ -33,16 +39,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dataset_utils.hardness import HARDNESS_LEVELS
 from dataset_utils.records import Example
-from evaluation.judge import NO_LABEL, EvalResult, Metrics
+from evaluation.judge import ERROR_CATEGORIES, NO_LABEL, EvalResult, Metrics
 
 DIFFICULTY_ORDER = ("easy", "medium", "hard")
 _LABEL_SAFE = re.compile(r"[^A-Za-z0-9_.\-/ ]")
 
 
-def _ordered_labels(labels: Sequence[str]) -> list[str]:
-    known = [d for d in DIFFICULTY_ORDER if d in labels]
-    rest = sorted(lbl for lbl in labels if lbl not in DIFFICULTY_ORDER and lbl != NO_LABEL)
+def _ordered_labels(labels: Sequence[str], order: Sequence[str] = DIFFICULTY_ORDER) -> list[str]:
+    known = [d for d in order if d in labels]
+    rest = sorted(lbl for lbl in labels if lbl not in order and lbl != NO_LABEL)
     return known + rest + ([NO_LABEL] if NO_LABEL in labels else [])
 
 
@@ -68,12 +75,14 @@ def example_rows(
             "question": ex.question,
             "gold": ex.sql,
             "difficulty": ex.difficulty or "",
+            "hardness": ex.hardness or "",
             "db_id": ex.db_id or "",
         }
         for label, res in results.items():
             j = res.judgements[i]
             row[f"{label}_sql"] = j.pred_sql
             row[f"{label}_correct"] = _verdict(j.exec_correct)
+            row[f"{label}_category"] = j.category
             row[f"{label}_error"] = j.error or ""
         rows.append(row)
     return rows
@@ -94,8 +103,13 @@ def _summary_table(results: Mapping[str, EvalResult]) -> list[str]:
     return lines
 
 
-def _group_table(results: Mapping[str, EvalResult], attr: str, name: str) -> list[str]:
-    labels = _ordered_labels(sorted({k for r in results.values() for k in getattr(r, attr)}))
+def _group_table(
+    results: Mapping[str, EvalResult],
+    attr: str,
+    name: str,
+    order: Sequence[str] = DIFFICULTY_ORDER,
+) -> list[str]:
+    labels = _ordered_labels(sorted({k for r in results.values() for k in getattr(r, attr)}), order)
     if not labels:
         return []
     models = list(results)
@@ -114,34 +128,89 @@ def _group_table(results: Mapping[str, EvalResult], attr: str, name: str) -> lis
     return lines
 
 
-def _plot(results: Mapping[str, EvalResult], path: Path, title: str) -> None:
+def _error_table(results: Mapping[str, EvalResult]) -> list[str]:
+    """Rows: every verdict category; cells: count and share of the examples, per model."""
+    models = list(results)
+    counts = {m: results[m].categories() for m in models}
+    lines = [
+        "| verdict | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for category in ("correct", *ERROR_CATEGORIES, "unjudgeable"):
+        cells = []
+        for m in models:
+            n = max(1, results[m].overall.n)
+            cells.append(f"{counts[m][category]} ({100 * counts[m][category] / n:.1f}%)")
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _bars(
+    series: Mapping[str, Sequence[float]],
+    groups: Sequence[str],
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    ylim: float | None = 105,
+    fmt: str = "%.0f",
+) -> None:
+    """Grouped bars: one group per entry of ``groups``, one bar per model."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    labels = _ordered_labels(sorted({k for r in results.values() for k in r.by_difficulty}))
-    groups = ["overall", *labels]
-    models = list(results)
+    models = list(series)
     width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups)), 3.8))
     for m_i, model in enumerate(models):
-        res = results[model]
-        values = [100 * res.overall.exec_accuracy] + [
-            100 * res.by_difficulty[g].exec_accuracy if g in res.by_difficulty else 0.0
-            for g in labels
-        ]
         xs = [g_i + (m_i - (len(models) - 1) / 2) * width for g_i in range(len(groups))]
-        bars = ax.bar(xs, values, width=width, label=model)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("execution accuracy (%)")
+        bars = ax.bar(xs, list(series[model]), width=width, label=model)
+        ax.bar_label(bars, fmt=fmt, fontsize=7, padding=1)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    if ylim is not None:
+        ax.set_ylim(0, ylim)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot(
+    results: Mapping[str, EvalResult],
+    path: Path,
+    title: str,
+    attr: str = "by_difficulty",
+    order: Sequence[str] = DIFFICULTY_ORDER,
+) -> None:
+    """Execution accuracy overall and per group of ``attr`` (difficulty or hardness)."""
+    labels = _ordered_labels(sorted({k for r in results.values() for k in getattr(r, attr)}), order)
+    series = {
+        model: [100 * res.overall.exec_accuracy]
+        + [
+            100 * getattr(res, attr)[g].exec_accuracy if g in getattr(res, attr) else 0.0
+            for g in labels
+        ]
+        for model, res in results.items()
+    }
+    _bars(series, ["overall", *labels], path, title=title, ylabel="execution accuracy (%)")
+
+
+def _plot_errors(results: Mapping[str, EvalResult], path: Path, title: str) -> None:
+    groups = [*ERROR_CATEGORIES, "unjudgeable"]
+    series = {model: [float(res.categories()[c]) for c in groups] for model, res in results.items()}
+    _bars(
+        series,
+        [g.replace(" ", "\n", 1) for g in groups],
+        path,
+        title=title,
+        ylabel="predictions",
+        ylim=None,
+        fmt="%d",
+    )
 
 
 def write_report(
@@ -151,9 +220,10 @@ def write_report(
     *,
     title: str,
 ) -> dict[str, Path]:
-    """Write report.json, report.md, exec_accuracy.png and per_example.csv into ``out_dir``.
+    """Write report.json, report.md, per_example.csv and the charts into ``out_dir``.
 
-    Returns ``{"json": ..., "markdown": ..., "png": ..., "csv": ...}``.
+    Returns ``{"json": ..., "markdown": ..., "png": ..., "csv": ..., "errors_png": ...}`` plus
+    ``"hardness_png"`` when the examples carry a Spider hardness level.
     """
     if not results:
         raise ValueError("write_report needs at least one model result")
@@ -171,7 +241,11 @@ def write_report(
         "markdown": out / "report.md",
         "png": out / "exec_accuracy.png",
         "csv": out / "per_example.csv",
+        "errors_png": out / "errors.png",
     }
+    with_hardness = any(res.by_hardness for res in results.values())
+    if with_hardness:
+        paths["hardness_png"] = out / "exec_accuracy_hardness.png"
 
     payload = {
         "title": title,
@@ -179,7 +253,9 @@ def write_report(
             label: {
                 "overall": asdict(res.overall),
                 "by_difficulty": {k: asdict(v) for k, v in res.by_difficulty.items()},
+                "by_hardness": {k: asdict(v) for k, v in res.by_hardness.items()},
                 "by_complexity": {k: asdict(v) for k, v in res.by_complexity.items()},
+                "categories": res.categories(),
             }
             for label, res in results.items()
         },
@@ -205,26 +281,58 @@ def write_report(
         "",
         "![execution accuracy](exec_accuracy.png)",
         "",
+    ]
+    if with_hardness:
+        md += [
+            "## Execution accuracy per Spider hardness",
+            "",
+            "Levels by the official Spider evaluation rules (`dataset_utils/hardness.py`).",
+            "",
+            *_group_table(results, "by_hardness", "hardness", HARDNESS_LEVELS),
+            "",
+            "![execution accuracy per hardness](exec_accuracy_hardness.png)",
+            "",
+        ]
+    md += [
+        "## Errors",
+        "",
+        "Why each prediction is wrong: it does not run (no such table / column, syntax error, "
+        "time-out, other execution error) or it runs and returns an empty or a wrong result.",
+        "",
+        *_error_table(results),
+        "",
+        "![errors](errors.png)",
+        "",
         "## Per example",
         "",
-        "| # | difficulty | question | gold | "
-        + " | ".join(f"{m} SQL | {m} correct" for m in results)
+        "| # | difficulty | hardness | question | gold | "
+        + " | ".join(f"{m} SQL | {m} verdict" for m in results)
         + " |",
-        "|---|---|---|---|" + "---|---|" * len(results),
+        "|---|---|---|---|---|" + "---|---|" * len(results),
     ]
     for row in rows:
         cells = [
             str(row["index"]),
             row["difficulty"],
+            row["hardness"],
             _md_cell(row["question"]),
             f"`{_md_cell(row['gold'])}`",
         ]
         for m in results:
-            cells += [f"`{_md_cell(row[f'{m}_sql'])}`", row[f"{m}_correct"]]
+            cells += [f"`{_md_cell(row[f'{m}_sql'])}`", row[f"{m}_category"]]
         md.append("| " + " | ".join(cells) + " |")
     paths["markdown"].write_text("\n".join(md) + "\n", encoding="utf-8")
 
     _plot(results, paths["png"], title)
+    if with_hardness:
+        _plot(
+            results,
+            paths["hardness_png"],
+            f"{title}: per Spider hardness",
+            "by_hardness",
+            HARDNESS_LEVELS,
+        )
+    _plot_errors(results, paths["errors_png"], f"{title}: errors")
     return paths
 
 
@@ -247,6 +355,14 @@ def report_metrics(results: Mapping[str, EvalResult]) -> dict[str, float]:
             for key, m in group.items():
                 if key != NO_LABEL:
                     metrics[_metric_name(label, "exec_accuracy", key)] = m.exec_accuracy
+        # Spider hardness reuses the difficulty names (easy/medium/hard): its own prefix.
+        for key, m in res.by_hardness.items():
+            if key != NO_LABEL:
+                metrics[_metric_name(label, "exec_accuracy_hardness", key)] = m.exec_accuracy
+        n = max(1, o.n)
+        for category, count in res.categories().items():
+            if category in ERROR_CATEGORIES:
+                metrics[_metric_name(label, "error", category.replace(" ", "_"))] = count / n
     return metrics
 
 
@@ -269,7 +385,7 @@ def log_report_to_mlflow(
         started = True
     try:
         mlflow.log_metrics(report_metrics(results))
-        for key in ("png", "markdown", "json"):
+        for key in ("png", "hardness_png", "errors_png", "markdown", "json"):
             if key in paths and Path(paths[key]).is_file():
                 mlflow.log_artifact(str(paths[key]), artifact_path="evaluation")
         rows: list[dict[str, Any]] = []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 
+from dataset_utils.hardness import spider_hardness
 from dataset_utils.records import Example
 from evaluation.judge import EvalResult, GoldCache, score
 from evaluation.report import log_report_to_mlflow, report_metrics, write_report
@@ -32,8 +34,16 @@ def _examples() -> list[Example]:
             "hard",
         ),
     ]
+    # Spider hardness of these gold queries (official rules): easy, easy, medium, medium.
     return [
-        Example(question=q, context=CONTEXT, sql=s, source="gretel", difficulty=d)
+        Example(
+            question=q,
+            context=CONTEXT,
+            sql=s,
+            source="gretel",
+            difficulty=d,
+            hardness=spider_hardness(s),
+        )
         for q, s, d in rows
     ]
 
@@ -81,6 +91,57 @@ def test_write_report_files(tmp_path: Path, results: tuple[list[Example], dict])
         write_report(res, examples[:2], tmp_path / "bad", title="x")
 
 
+def test_report_per_hardness_and_errors(
+    tmp_path: Path, results: tuple[list[Example], dict]
+) -> None:
+    examples, res = results
+    assert [e.hardness for e in examples] == ["easy", "easy", "medium", "medium"]
+    paths = write_report(res, examples, tmp_path / "out", title="t")
+    for key in ("hardness_png", "errors_png"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(paths["json"].read_text())
+    assert data["models"]["adapter"]["by_hardness"]["medium"]["n_correct"] == 1
+    # base: SELECT 1 (wrong result), correct, DROP TABLE (refused), unsorted regions (wrong);
+    # adapter: 3 correct, 'x' | 'y' (wrong result).
+    assert data["models"]["base"]["categories"] == {
+        "correct": 1,
+        "no such table": 0,
+        "no such column": 0,
+        "syntax error": 0,
+        "other execution error": 1,
+        "timeout": 0,
+        "wrong result": 2,
+        "empty result": 0,
+        "unjudgeable": 0,
+    }
+    md = paths["markdown"].read_text()
+    assert "## Execution accuracy per Spider hardness" in md
+    assert "| easy | 2 | 50.0% (1/2) | 100.0% (2/2) |" in md.split("Spider hardness")[1]
+    assert "| medium | 2 | 0.0% (0/2) | 50.0% (1/2) |" in md
+    assert "| wrong result | 2 (50.0%) | 1 (25.0%) |" in md
+    assert "| other execution error | 1 (25.0%) | 0 (0.0%) |" in md
+    rows = list(csv.DictReader(paths["csv"].open(encoding="utf-8")))
+    assert [r["hardness"] for r in rows] == ["easy", "easy", "medium", "medium"]
+    assert [r["base_category"] for r in rows] == [
+        "wrong result",
+        "correct",
+        "other execution error",
+        "wrong result",
+    ]
+    metrics = report_metrics(res)
+    assert metrics["adapter_exec_accuracy_hardness_easy"] == pytest.approx(1.0)
+    assert metrics["base_exec_accuracy_hardness_medium"] == pytest.approx(0.0)
+    assert metrics["base_error_wrong_result"] == pytest.approx(0.5)
+    assert metrics["base_error_no_such_table"] == 0.0
+    # Without hardness levels: no hardness chart or table.
+    plain = [Example(**{**e.to_dict(), "hardness": None}) for e in examples]
+    cache = GoldCache()
+    res_plain = {"m": score(plain, [e.sql for e in plain], gold_cache=cache)}
+    paths = write_report(res_plain, plain, tmp_path / "plain", title="t")
+    assert "hardness_png" not in paths
+    assert "Spider hardness" not in paths["markdown"].read_text()
+
+
 def test_mlflow_logging(
     tmp_path: Path, results: tuple[list[Example], dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -112,6 +173,8 @@ def test_mlflow_logging(
         assert set(report_metrics(res)) == set(metrics)
         artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
         assert "evaluation/exec_accuracy.png" in artifacts
+        assert "evaluation/exec_accuracy_hardness.png" in artifacts
+        assert "evaluation/errors.png" in artifacts
         assert "evaluation/per_example.json" in artifacts
         table = json.loads(
             Path(

@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a checkpoint vs its base model (report + chart)",
         description="Greedy generation on the held-out split, execution accuracy "
         "in a read-only SQLite sandbox, exact match, valid/executable SQL, BLEU; "
-        "writes report.json, report.md, exec_accuracy.png and per_example.csv; "
+        "writes report.json, report.md, per_example.csv and charts (exec_accuracy.png, "
+        "exec_accuracy_hardness.png per Spider hardness level, errors.png by error category); "
         "logs to MLflow when MLFLOW_TRACKING_URI is set.",
     )
     _add_checkpoint_args(e)

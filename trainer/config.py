@@ -145,6 +145,15 @@ class SourceArgs:
     # split: the rows go through data.split's ratio split; train | valid | test: all of them go
     # to that split (Spider protocol: spider train -> split or train, spider dev -> test).
     use: str = "split"
+    # Schema prompt options for Spider-style rows (dataset_utils/schema.py):
+    # where FOREIGN KEY clauses come from: sqlite | tables_json | none (null: the style's
+    # default, sqlite for ddl/compact, none for columns);
+    foreign_keys: str | None = None
+    # the first N distinct values of every column, as a comment after it (0: none);
+    sample_values: int = 0
+    # keep only the N tables most related to the question by shared words (plus link tables)
+    # when the database has more (null: every table; breaks prefix sharing across questions).
+    max_tables: int | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
