@@ -6,9 +6,12 @@ text keeps every identifier valid:
 
 - a word in a table position (after ``FROM``, ``JOIN``, or ``,`` inside a ``FROM`` clause)
   must be a table of the schema;
-- a word followed by ``.`` (a qualifier) must be a table, an alias the query defines, or a
-  Spider-style alias ``T1``, ``T2``... that it has not defined yet -- then the query may not
-  end until it does (``SELECT T1.name FROM singer AS T1``);
+- a word followed by ``.`` (a qualifier) must be a table, an alias the query defines, or an
+  alias it has not defined yet -- Spider-style ``T1``, ``T2``... or one or two characters
+  (``s``, ``sc``) -- and then the query may not end until it does
+  (``SELECT T1.name FROM singer AS T1``, ``SELECT s.name FROM singer s``), and may only bind
+  it to a table that has every column already used on it (``SELECT T1.year FROM singer AS
+  T1`` is refused when ``year`` is not a column of ``singer``);
 - a word after a qualifier must be a column (of that table, when the qualifier resolves);
 - a word after ``AS``, or right after a table name in a ``FROM`` clause, defines an alias
   (free, unless it is a keyword: ``FROM singer WHERE``);
@@ -21,8 +24,9 @@ text keeps every identifier valid:
 - the stop token is allowed only where the query can end (no open quote, no undefined alias);
   after a top-level ``;`` or a blank line (where `evaluation.postprocess.extract_sql` ends
   the statement anyway) only the stop token is allowed;
-- special tokens other than the stop tokens, and bytes of an incomplete UTF-8 character
-  outside quotes, are refused.
+- special tokens other than the stop tokens, and outside quotes bytes of an incomplete UTF-8
+  character, control characters and parameter markers (``$ @ ? :``: nothing binds them) are
+  refused; as in SQLite, any non-ASCII character is part of a word.
 
 Exactness: for greedy decoding the chosen token is the best-scoring *allowed* token (tokens are
 checked in descending score order until one passes, the whole vocabulary if need be); for beam
@@ -89,7 +93,9 @@ _CLAUSES = {
     "intersect": "",
     "except": "",
 }
-_SPIDER_ALIAS = re.compile(r"t\d*")  # T, T1, T12 ... (a prefix of a Spider alias while open)
+# Aliases a query may use before it defines them (``SELECT T1.x FROM t AS T1``): Spider's
+# T1, T2... and any one- or two-character name. Also matches every prefix of one.
+_LATE_ALIAS = re.compile(r"t\d*|[a-z_][a-z0-9_]?")
 
 # Lexer modes.
 NORMAL, WORD, NUMBER, SQUOTE, DQUOTE, IDENT, DONE = range(7)
@@ -107,7 +113,8 @@ class State(NamedTuple):
     last_table: str = ""
     clauses: tuple[str, ...] = ("",)  # current clause per parenthesis depth
     aliases: tuple[tuple[str, str], ...] = ()  # (alias, table or "")
-    pending: frozenset[str] = frozenset()  # qualifiers used before their alias is defined
+    # (alias, column or "") for qualifiers used before their alias is defined
+    pending: frozenset[tuple[str, str]] = frozenset()
     blank: int = 0  # consecutive newlines seen (a blank line ends the statement)
 
 
@@ -159,7 +166,9 @@ def schema_names(context: str) -> SchemaNames:
 
 
 def _is_word_char(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
+    # As SQLite's tokenizer: every non-ASCII character is an identifier character (so `£`
+    # or a no-break space is a column name to SQLite, and is checked like one).
+    return ch.isalnum() or ch == "_" or ch > "\x7f"
 
 
 class Lexer:
@@ -180,9 +189,7 @@ class Lexer:
         return any(a == w for a, _ in s.aliases)
 
     def _qualifier_ok(self, s: State, w: str) -> bool:
-        return (
-            w in self.n.tables or self._is_alias(s, w) or _SPIDER_ALIAS.fullmatch(w) is not None
-        )
+        return w in self.n.tables or self._is_alias(s, w) or _LATE_ALIAS.fullmatch(w) is not None
 
     def _columns_after_dot(self, s: State) -> frozenset[str] | None:
         """Columns allowed after ``qualifier.`` (None: any column of the schema).
@@ -211,7 +218,7 @@ class Lexer:
             return any(c.startswith(w) for c in cols) if cols else w in self.n.column_prefixes
         return (
             w in self.n.general_prefixes
-            or _SPIDER_ALIAS.fullmatch(w) is not None
+            or _LATE_ALIAS.fullmatch(w) is not None
             or any(a.startswith(w) for a, _ in s.aliases)
         )
 
@@ -236,13 +243,16 @@ class Lexer:
             if terminator == ".":
                 return None
             table = s.last_table if (s.after_table or s.prev2 == s.last_table) else ""
+            used = {c for a, c in pending if a == w and c}
+            if table and not used <= self.n.table_columns.get(table, frozenset()):
+                return None  # a column already used on this alias is not in this table
             aliases = (*aliases, (w, table))
-            pending = pending - {w}
+            pending = frozenset(p for p in pending if p[0] != w)
         elif terminator == "." and s.prev != "." and not self._table_position(s):
             if not self._qualifier_ok(s, w):
                 return None
             if w not in self.n.tables and not self._is_alias(s, w):
-                pending = pending | {w}
+                pending = pending | {(w, "")}
         elif self._table_position(s):
             if w not in self.n.tables:
                 return None
@@ -251,6 +261,8 @@ class Lexer:
             cols = self._columns_after_dot(s)
             if w not in (cols if cols is not None else self.n.columns):
                 return None
+            if any(a == s.prev2 for a, _ in pending):
+                pending = pending | {(s.prev2, w)}
         elif not (w in KEYWORDS or w in self.n.columns or self._is_alias(s, w)):
             return None
         clauses = s.clauses
@@ -305,8 +317,8 @@ class Lexer:
                     return None
                 s = s._replace(buf=buf)
                 continue
-            if ch == "\ufffd":
-                return None
+            if ch == "\ufffd" or ch == "\x7f" or (ch < " " and ch not in "\t\n\r\f\v"):
+                return None  # an incomplete UTF-8 character, or a control character
             if m == WORD:
                 if _is_word_char(ch):
                     buf = s.buf + ch.lower()
@@ -324,7 +336,7 @@ class Lexer:
                 s = s._replace(mode=NORMAL, buf="", prev="0", prev2=s.prev, after_table=False)
             # NORMAL: start of a token, or punctuation / space.
             if _is_word_char(ch):
-                if ch.isdigit():
+                if "0" <= ch <= "9":
                     s = s._replace(mode=NUMBER, blank=0)
                     continue
                 w = ch.lower()
@@ -351,6 +363,8 @@ class Lexer:
                     s = s._replace(mode=DQUOTE)
             elif ch in "`[":
                 s = s._replace(mode=IDENT, buf="", close="`" if ch == "`" else "]")
+            elif ch in "$@?:":
+                return None  # parameter markers: the query would run without bindings
             elif ch == ";":
                 if len(s.clauses) > 1 or not self.can_stop(s):
                     return None
@@ -483,10 +497,15 @@ class SchemaConstraint:
             return cached
         out = [t for t in self.stops if lex.can_stop(s)]
         stack = [(self.trie.root, s)]
+        memo: dict[tuple[State, str], State | None] = {}  # many nodes share a state
         while stack:
             (children, _), state = stack.pop()
             for ch, child in children.items():
-                nxt = lex.feed(state, ch)
+                step = (state, ch)
+                if step in memo:
+                    nxt = memo[step]
+                else:
+                    nxt = memo[step] = lex.feed(state, ch)
                 if nxt is None:
                     continue
                 out.extend(child[1])
