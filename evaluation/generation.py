@@ -1,21 +1,29 @@
-"""Batched greedy SQL generation for base and fine-tuned models.
+"""Batched SQL generation for base and fine-tuned models: greedy, or beam search.
 
 Prompts are encoded exactly as in training (`dataset_utils.formatting.encode_prompt_parts`)
-and decoded greedily with the KV cache on (a model trained with activation checkpointing has
+and decoded with the KV cache on (a model trained with activation checkpointing has
 ``config.use_cache = False``; generation forces it back on, otherwise every new token re-reads
 the whole prompt). Generation stops at the format's end-of-turn token or EOS. Outputs come back
 in input order, as raw text and as SQL after post-processing (code fences, first statement).
 
 Two engines:
 
-- ``prefix`` (default): our own greedy loop built for CPU text-to-SQL evaluation. Questions
+- ``prefix`` (default): our own decoding loop built for CPU text-to-SQL evaluation. Questions
   about the same schema share their prompt prefix (system prompt + schema), so its KV cache is
   computed once per schema and reused by every question; batches mix schemas (each row's
   prefix left-padded in the cache); rows leave the batch as soon as they emit a stop token, so
   a batch costs what its rows need, not what its longest row needs. Measured here it is
   several times faster than one-at-a-time generation (benchmarks/generation_bench.py).
+  With ``num_beams = k > 1`` the same engine runs beam search (`_prefix_cached_beam`, the
+  rules of ``generate``'s): a question's prompt is still encoded once, on its cached schema,
+  and its cache rows are copied to its k beams after the first token.
 - ``hf``: ``model.generate`` with left padding -- used when the model is sharded by ZeRO-3
-  (``synced_gpus``) or does not use a standard cache.
+  (``synced_gpus``) or does not use a standard cache, or with a repetition penalty.
+
+Decoding options (`trainer.config.DecodingArgs`, passed flat): ``num_beams``;
+``schema_constrained`` (`evaluation.schema_constraint` masks the scores before each token is
+chosen, in both engines); ``execution_guided`` (`evaluation.execution_guided` picks one of the
+k candidates by running them).
 """
 
 from __future__ import annotations

@@ -370,7 +370,7 @@ def test_decoding_is_recorded_and_the_served_model_decodes_the_same_way(
     exp = tiny.write_experiment(tmp_path / "exp.yaml", model_dir, steps=2)
     decoding = {"num_beams": 2, "execution_guided": True, "schema_constrained": True}
     overrides = [f"eval.decoding.{k}={str(v).lower()}" for k, v in decoding.items()]
-    overrides += ["eval.compare_base=false", "eval.generation_samples=2"]
+    overrides += ["eval.compare_base=false", "eval.generation_samples=2", "eval.max_new_tokens=8"]
     result = launch(load_experiment(exp, overrides), tmp_path / "runs", progress=False)
     mirrored = mirror_local_trial(result.trial.path, progress=False)
 
@@ -399,5 +399,5 @@ def test_decoding_is_recorded_and_the_served_model_decodes_the_same_way(
     assert rows
     pyfunc = mlflow.pyfunc.load_model(mirrored.model_uri)
     frame = pd.DataFrame([{"question": e.question, "context": e.context} for e, _ in rows])
-    served = list(pyfunc.predict(frame, params={"max_new_tokens": 12}))
+    served = list(pyfunc.predict(frame, params={"max_new_tokens": 8}))
     assert served == [r["fine-tuned_sql"] for _, r in rows]
