@@ -10,7 +10,12 @@ creates a second run or model version. Every MLflow call is retried with exponen
 when the tracking server stays down, one clear error says so and a re-run finishes the job.
 
 The model is logged only after its round trip is verified: ``mlflow.pyfunc.load_model`` on the
-logged model must reproduce the in-memory model's greedy SQL exactly on held-out prompts.
+logged model must reproduce the in-memory model's SQL exactly on held-out prompts, decoded
+the same way (the checkpoint's ``eval.decoding``, or ``decoding`` overrides; recorded in the
+report, the run's params ``decoding.*``, the model's metadata and its ``text2sql_model.json``).
+The round trip feeds both sides what a client sends (question + schema): with execution
+guidance, the evaluation itself runs candidates on a Spider row's real database, which the
+served model does not have (it uses an empty database built from the schema).
 """
 
 from __future__ import annotations
@@ -185,8 +190,13 @@ def mirror(
     test_samples: int | None = None,
     reuse_run_id: str | None = None,
     progress: bool = True,
+    decoding: dict[str, Any] | None = None,
 ) -> MirrorResult:
-    """Mirror ``source``'s best checkpoint into MLflow (see the module docstring)."""
+    """Mirror ``source``'s best checkpoint into MLflow (see the module docstring).
+
+    ``decoding``: overrides of the checkpoint's ``eval.decoding`` (``{"num_beams": 4}``), for
+    the evaluation and the served model alike.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -199,7 +209,7 @@ def mirror(
     )
     from evaluation.checkpoint_eval import compare_models, load_checkpoint, summary_table
     from evaluation.generation import generate_sql
-    from evaluation.report import log_report_to_mlflow, write_report
+    from evaluation.report import describe_decoding, log_report_to_mlflow, write_report
 
     info = source.best_checkpoint()
     links = source.describe()
@@ -326,11 +336,16 @@ def mirror(
 
     # ---- evaluate ---------------------------------------------------------------------------
     loaded = load_checkpoint(ckpt_dir)
-    from evaluation.checkpoint_eval import test_examples
+    from evaluation.checkpoint_eval import decoding_with, test_examples
 
+    decoding_args = decoding_with(loaded.hp.eval.decoding, decoding)
     examples = test_examples(loaded, test_samples)
     comparison = compare_models(
-        loaded, examples, with_base=loaded.hp.eval.compare_base, progress=progress
+        loaded,
+        examples,
+        with_base=loaded.hp.eval.compare_base,
+        progress=progress,
+        decoding=decoding_args,
     )
     report_dir = work / f"evaluation-{info.uuid[:8]}"
     paths = write_report(
@@ -338,6 +353,7 @@ def mirror(
         examples,
         report_dir,
         title=f"{experiment_name}: checkpoint {info.uuid[:8]} vs base model",
+        decoding=comparison.decoding,
     )
     table = summary_table(comparison.results)
     ft = comparison.results["fine-tuned"].overall
@@ -346,6 +362,14 @@ def mirror(
         def log_eval() -> None:
             with mlflow.start_run(run_id=run_id):
                 log_report_to_mlflow(paths, comparison.results)
+                have = set(client.get_run(run_id).data.params)
+                new = {
+                    f"decoding.{k}": v
+                    for k, v in comparison.decoding.items()
+                    if f"decoding.{k}" not in have
+                }
+                if new:
+                    mlflow.log_params(new)
 
         with_retries(log_eval, "logging the evaluation report", tracking_uri)
         mark("evaluation")
@@ -353,19 +377,25 @@ def mirror(
     # ---- model: stage, verify the round trip, log -----------------------------------------
     n_rt = min(roundtrip_prompts, len(examples))
     rt_examples = examples[:n_rt]
+    from dataset_utils.records import Example
+
+    # What a client sends: question + schema (no database path, no gold).
+    requests = [Example(e.question, e.context, "", "serving") for e in rt_examples]
     in_memory = generate_sql(
         loaded.model,
         loaded.tokenizer,
-        rt_examples,
+        requests,
         loaded.plan,
         batch_size=loaded.hp.eval.batch_size,
         max_new_tokens=loaded.hp.eval.max_new_tokens,
         progress=False,
+        timeout_s=loaded.hp.eval.timeout_s,
+        **comparison.decoding,
     ).sql
     model_uri = run.data.tags.get("text2sql.model_uri")
     if "model" not in done or not model_uri:
         staging = work / "model-staging"
-        artifacts = build_model_dir(loaded, staging)
+        artifacts = build_model_dir(loaded, staging, decoding=comparison.decoding)
         import pandas as pd
 
         sample = pd.DataFrame(
@@ -386,6 +416,7 @@ def mirror(
                         "checkpoint_uuid": info.uuid,
                         "base_model": loaded.hp.model.name_or_path,
                         "method": loaded.hp.method,
+                        "decoding": comparison.decoding,
                     },
                 )
                 return str(info_.model_uri)
@@ -422,8 +453,8 @@ def mirror(
             f"{served[i]!r}); not registering it"
         )
     print(
-        f"round trip verified: pyfunc model reproduces the in-memory greedy SQL on "
-        f"{n_rt}/{n_rt} held-out prompts"
+        f"round trip verified: pyfunc model reproduces the in-memory SQL "
+        f"({describe_decoding(comparison.decoding)}) on {n_rt}/{n_rt} held-out prompts"
     )
 
     # ---- register + champion alias ------------------------------------------------------
@@ -520,6 +551,7 @@ def mirror_local_trial(
     experiment_name: str | None = None,
     registered_model_name: str | None = None,
     progress: bool = True,
+    decoding: dict[str, Any] | None = None,
 ) -> MirrorResult:
     """Mirror a local trial (what ``text2sql run`` does after training).
 
@@ -549,6 +581,7 @@ def mirror_local_trial(
         work_dir=source.trial.path / "mirror",
         reuse_run_id=info.get("mlflow_run_id"),
         progress=progress,
+        decoding=decoding,
     )
     print(result.summary)
     print_where_to_look(result)

@@ -9,7 +9,11 @@ output, no error). Instead the model directory holds plain files we control:
   applied to the base in bf16/fp32, since 4-bit models cannot be saved;
 - full fine-tunes: ``model/`` with the weights (safetensors);
 - ``tokenizer/`` and ``text2sql_model.json``: prompt format (template, system prompt, end-of-turn
-  token) applied at predict time, and default inference parameters.
+  token) applied at predict time, default inference parameters, and the decoding options
+  (``decoding``: `trainer.config.DecodingArgs`, and ``timeout_s`` for execution guidance) of
+  the evaluation that chose this model -- the served model decodes exactly as it did.
+  Execution guidance runs candidates on an empty database built from each request's schema
+  (`evaluation.execution_guided`): the server never needs the user's data.
 
 Inputs: a DataFrame with ``question`` and ``context`` (the schema as SQL DDL) columns. Params:
 ``max_new_tokens``, ``repetition_penalty``, ``return_full_text`` (as in the MLflow QLoRA
@@ -46,7 +50,7 @@ def signature() -> Any:
 
 
 class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
-    """pyfunc wrapper: prompt template + greedy decoding + SQL post-processing."""
+    """pyfunc wrapper: prompt template + the logged decoding + SQL post-processing."""
 
     def load_context(self, context: Any) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,6 +63,9 @@ class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         self.spec = spec
         self.plan = FormatPlan(**spec["format_plan"])
         self.batch_size = int(spec.get("batch_size", 16))
+        # Models logged before decoding options existed decode greedily, as they did then.
+        self.decoding = dict(spec.get("decoding") or {})
+        self.timeout_s = float(spec.get("timeout_s", 2.0))
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -102,6 +109,8 @@ class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
             max_new_tokens=int(p["max_new_tokens"]),
             repetition_penalty=float(p["repetition_penalty"]),
             progress=False,
+            timeout_s=self.timeout_s,
+            **self.decoding,
         )
         if p["return_full_text"]:
             return [
@@ -154,9 +163,17 @@ def pip_requirements() -> list[str]:
 
 
 def build_model_dir(
-    loaded: Any, staging: Path, *, inference_params: dict[str, Any] | None = None
+    loaded: Any,
+    staging: Path,
+    *,
+    inference_params: dict[str, Any] | None = None,
+    decoding: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Stage the files of a loaded checkpoint (evaluation.checkpoint_eval.LoadedCheckpoint)."""
+    """Stage the files of a loaded checkpoint (evaluation.checkpoint_eval.LoadedCheckpoint).
+
+    ``decoding``: the decoding options (`DecodingArgs` as a dict) the model is served with;
+    None = the checkpoint's ``eval.decoding``.
+    """
     import dataclasses
 
     staging.mkdir(parents=True, exist_ok=True)
@@ -171,6 +188,8 @@ def build_model_dir(
         },
         "batch_size": hp.eval.batch_size,
         "method": hp.method,
+        "decoding": dataclasses.asdict(hp.eval.decoding) if decoding is None else dict(decoding),
+        "timeout_s": hp.eval.timeout_s,
     }
     tok_dir = staging / "tokenizer"
     loaded.tokenizer.save_pretrained(tok_dir)

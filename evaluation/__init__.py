@@ -14,7 +14,8 @@ Modules:
 - `evaluation.perturb`: systematic wrong variants of gold SQL for judge calibration
   (see ``benchmarks/judge_calibration.py``).
 - `evaluation.report`: JSON / Markdown / PNG reports and MLflow logging.
-- `evaluation.generation`: batched greedy generation (needs torch/transformers).
+- `evaluation.generation`: batched generation, greedy or beam search (needs torch/transformers);
+  `evaluation.schema_constraint` and `evaluation.execution_guided`: the decoding options.
 
 Nothing here runs at import time; importing the package is cheap.
 """

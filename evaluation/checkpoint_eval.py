@@ -5,7 +5,8 @@ carries ``text2sql.json``: the resolved hyperparameters and prompt format it was
 From it we rebuild the exact test split (same sources, subset, split seed; the dataset cache
 makes this instant), load the model -- base + LoRA adapter (safetensors), or the full
 fine-tuned weights -- and generate greedily for the adapter and, with the adapter disabled,
-for the base model. Every prediction is judged by execution in the sandbox.
+for the base model, with the checkpoint's ``eval.decoding`` (or an override). Every prediction
+is judged by execution in the sandbox.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class Comparison:
     examples: list[Example]
     generations: dict[str, Generation] = field(default_factory=dict)
     results: dict[str, EvalResult] = field(default_factory=dict)
+    decoding: dict[str, Any] = field(default_factory=dict)  # DecodingArgs used, as a dict
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any]:
@@ -111,6 +113,15 @@ def test_examples(
     return rows[:n] if n is not None else rows
 
 
+def decoding_with(base: Any, overrides: dict[str, Any] | None) -> Any:
+    """``base`` (a `trainer.config.DecodingArgs`) with ``overrides`` applied and checked."""
+    if not overrides:
+        return base
+    from trainer.config import DecodingArgs, from_dict
+
+    return from_dict(DecodingArgs, {**asdict(base), **overrides}, "decoding")
+
+
 def load_base(loaded: LoadedCheckpoint) -> Any:
     from trainer.modeling import load_model
 
@@ -126,12 +137,19 @@ def compare_models(
     max_new_tokens: int | None = None,
     progress: bool = True,
     gold_cache: GoldCache | None = None,
+    decoding: Any = None,
 ) -> Comparison:
-    """Generate + judge for the fine-tuned model and (optionally) its base."""
+    """Generate + judge for the fine-tuned model and (optionally) its base.
+
+    ``decoding``: a `trainer.config.DecodingArgs`; None = the checkpoint's ``eval.decoding``.
+    Both models are decoded the same way.
+    """
     bs = batch_size or loaded.hp.eval.batch_size
     mnt = max_new_tokens or loaded.hp.eval.max_new_tokens
+    options = asdict(decoding if decoding is not None else loaded.hp.eval.decoding)
+    timeout_s = loaded.hp.eval.timeout_s
     cache = gold_cache or GoldCache()
-    out = Comparison(examples=examples)
+    out = Comparison(examples=examples, decoding=options)
     models: list[tuple[str, Any]] = []
     if with_base:
         models.append(("base", None))
@@ -148,6 +166,8 @@ def compare_models(
                     max_new_tokens=mnt,
                     progress=progress,
                     desc="base model",
+                    timeout_s=timeout_s,
+                    **options,
                 )
         else:
             m = model if model is not None else load_base(loaded)
@@ -160,6 +180,8 @@ def compare_models(
                 max_new_tokens=mnt,
                 progress=progress,
                 desc=f"{label} model",
+                timeout_s=timeout_s,
+                **options,
             )
         log.info("%s: %d prompts in %.1f s", label, len(examples), gen.seconds)
         out.generations[label] = gen

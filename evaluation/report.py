@@ -219,8 +219,12 @@ def write_report(
     out_dir: str | Path,
     *,
     title: str,
+    decoding: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write report.json, report.md, per_example.csv and the charts into ``out_dir``.
+
+    ``decoding``: the decoding options the predictions were made with
+    (`trainer.config.DecodingArgs` as a dict), recorded in the JSON and the Markdown.
 
     Returns ``{"json": ..., "markdown": ..., "png": ..., "csv": ..., "errors_png": ...}`` plus
     ``"hardness_png"`` when the examples carry a Spider hardness level.
@@ -249,6 +253,7 @@ def write_report(
 
     payload = {
         "title": title,
+        "decoding": dict(decoding or {}),
         "models": {
             label: {
                 "overall": asdict(res.overall),
@@ -268,7 +273,10 @@ def write_report(
         writer.writeheader()
         writer.writerows(rows)
 
-    md = [f"# {title}", "", "## Summary", "", *_summary_table(results), ""]
+    md = [f"# {title}", ""]
+    if decoding:
+        md += [f"Decoding: {describe_decoding(decoding)}.", ""]
+    md += ["## Summary", "", *_summary_table(results), ""]
     by_diff = _group_table(results, "by_difficulty", "difficulty")
     if by_diff:
         md += ["## Execution accuracy per difficulty", "", *by_diff, ""]
@@ -334,6 +342,17 @@ def write_report(
         )
     _plot_errors(results, paths["errors_png"], f"{title}: errors")
     return paths
+
+
+def describe_decoding(decoding: Mapping[str, Any]) -> str:
+    """``greedy``, ``beam 4 + execution-guided + schema-constrained`` ..."""
+    k = int(decoding.get("num_beams", 1))
+    parts = ["greedy" if k == 1 else f"beam search, {k} beams"]
+    if decoding.get("execution_guided"):
+        parts.append("execution-guided")
+    if decoding.get("schema_constrained"):
+        parts.append("schema-constrained")
+    return " + ".join(parts)
 
 
 def _metric_name(*parts: str) -> str:

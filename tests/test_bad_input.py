@@ -170,6 +170,17 @@ CASES = [
         config=lambda d: hp(d)["eval"].update(generation_samples=0),
     ),
     Case(
+        "guided-decoding-without-beams",
+        "execution_guided needs candidates to choose from: set num_beams >= 2",
+        config=lambda d: hp(d)["eval"].update(decoding={"execution_guided": True}),
+    ),
+    Case(
+        "decoding-unknown-key",
+        "hyperparameters.eval.validation_decoding: unknown key(s) 'beams'; valid keys: "
+        "num_beams, execution_guided, schema_constrained",
+        config=lambda d: hp(d)["eval"].update(validation_decoding={"beams": 4}),
+    ),
+    Case(
         "split-not-summing-to-one",
         "train + valid + test must sum to 1, found 1.1",
         config=lambda d: hp(d)["data"]["split"].update(train=0.9),

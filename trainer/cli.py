@@ -66,6 +66,31 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _decoding_overrides(items: Sequence[str]) -> dict[str, object]:
+    """``--decoding num_beams=4 --decoding execution_guided=true`` as a dict (checked later
+    against `trainer.config.DecodingArgs`, which names the valid keys)."""
+    from trainer.experiment import parse_override
+
+    out: dict[str, object] = {}
+    for item in items:
+        parts, value = parse_override(item)
+        if len(parts) != 1:
+            raise UserError(f"--decoding {item!r}: expected KEY=VALUE, e.g. num_beams=4")
+        out[parts[0]] = value
+    return out
+
+
+def _add_decoding_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--decoding",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the checkpoint's eval.decoding for this evaluation (repeatable): "
+        "num_beams=4, execution_guided=true, schema_constrained=true",
+    )
+
+
 def _cmd_mirror(ns: argparse.Namespace) -> int:
     from cluster.mirror import default_tracking_uri, mirror, mirror_local_trial, print_where_to_look
 
@@ -76,6 +101,7 @@ def _cmd_mirror(ns: argparse.Namespace) -> int:
             experiment_name=ns.name,
             registered_model_name=ns.registered_model_name,
             progress=not ns.no_progress,
+            decoding=_decoding_overrides(ns.decoding),
         )
         return 0
     from cluster.checkpoint_source import DeterminedCheckpointSource
@@ -94,6 +120,7 @@ def _cmd_mirror(ns: argparse.Namespace) -> int:
         registered_model_name=ns.registered_model_name or name,
         work_dir=Path(ns.work_dir) if ns.work_dir else None,
         progress=not ns.no_progress,
+        decoding=_decoding_overrides(ns.decoding),
     )
     print(result.summary)
     print_where_to_look(result)
@@ -103,14 +130,17 @@ def _cmd_mirror(ns: argparse.Namespace) -> int:
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
     from evaluation.checkpoint_eval import (
         compare_models,
+        decoding_with,
         load_checkpoint,
         side_by_side,
         summary_table,
         test_examples,
     )
 
+    overrides = _decoding_overrides(ns.decoding)
     ckpt = _checkpoint_dir(ns)
     loaded = load_checkpoint(ckpt)
+    decoding = decoding_with(loaded.hp.eval.decoding, overrides)
     examples = test_examples(loaded, ns.limit, split=ns.split)
     if ns.command == "compare":
         import random
@@ -118,7 +148,7 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
         idx = sorted(random.Random(ns.seed).sample(range(len(examples)), min(ns.n, len(examples))))
         examples = [examples[i] for i in idx]
     comparison = compare_models(
-        loaded, examples, with_base=not ns.no_base, progress=not ns.no_progress
+        loaded, examples, with_base=not ns.no_base, progress=not ns.no_progress, decoding=decoding
     )
     if ns.command == "compare":
         print(side_by_side(comparison, len(examples)))
@@ -129,7 +159,11 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
 
     out = Path(ns.out or (ckpt / "evaluation"))
     paths = write_report(
-        comparison.results, examples, out, title=f"Evaluation of {ckpt.name} ({ns.split} split)"
+        comparison.results,
+        examples,
+        out,
+        title=f"Evaluation of {ckpt.name} ({ns.split} split)",
+        decoding=comparison.decoding,
     )
     print(summary_table(comparison.results))
     print(f"\nreport: {paths['markdown']}\njson:   {paths['json']}\nchart:  {paths['png']}")
@@ -162,6 +196,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
         help="held-out split to use (default: test)",
     )
     p.add_argument("--no-base", action="store_true", help="skip the base model")
+    _add_decoding_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -227,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "evaluate",
         help="evaluate a checkpoint vs its base model (report + chart)",
-        description="Greedy generation on the held-out split, execution accuracy "
+        description="Generation on the held-out split (the checkpoint's eval.decoding, or "
+        "--decoding), execution accuracy "
         "in a read-only SQLite sandbox, exact match, valid/executable SQL, BLEU; "
         "writes report.json, report.md, per_example.csv and charts (exec_accuracy.png, "
         "exec_accuracy_hardness.png per Spider hardness level, errors.png by error category); "
@@ -291,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--registered-model-name", help="registry name (default: experiment name)")
     m.add_argument("--work-dir", help="where checkpoints are downloaded (default: a temp dir)")
+    _add_decoding_arg(m)
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=_cmd_mirror)
     return p

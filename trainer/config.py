@@ -207,11 +207,47 @@ class DataArgs:
 
 
 @dataclass
+class DecodingArgs:
+    """How SQL is decoded from the model (evaluation/generation.py); default: plain greedy.
+
+    The same options drive the final evaluation (`eval.decoding`), the served MLflow model
+    (it is logged with them) and, separately, validation during training
+    (`eval.validation_decoding`, greedy by default: it runs at every evaluation).
+    """
+
+    # Beam width k: 1 = greedy; k > 1 = beam search returning k candidates, ranked by
+    # length-normalized log-probability (stops once k hypotheses have finished). Costs ~k x
+    # the decoding compute of greedy (the prompt is still encoded once per schema).
+    num_beams: int = 1
+    # Execution-guided decoding (Wang et al. 2018): of the k candidates, take the best-ranked
+    # one that runs (read-only sandbox, eval.timeout_s) and returns rows; else the best-ranked
+    # one that runs; else the top beam. Runs on the example's database; schema-only rows (and
+    # served requests) run on an empty database built from the schema, where "returns rows"
+    # says nothing, so there it is "compiles against the schema". Needs num_beams >= 2.
+    execution_guided: bool = False
+    # Every identifier the model writes is a table/column of the prompt's schema, an alias
+    # it defines, or an SQL keyword/function (evaluation/schema_constraint.py).
+    schema_constrained: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int):
+            raise UserError(f"num_beams must be an integer >= 1, found {self.num_beams!r}")
+        if self.num_beams < 1:
+            raise UserError(f"num_beams must be >= 1, found {self.num_beams}")
+        if self.execution_guided and self.num_beams < 2:
+            raise UserError(
+                "execution_guided needs candidates to choose from: set num_beams >= 2 "
+                f"(found {self.num_beams})"
+            )
+
+
+@dataclass
 class EvalArgs:
     """Generation-based evaluation (execution accuracy), during and after training."""
 
-    # Fixed validation subset (the first N valid rows) scored by greedy generation at every
-    # evaluation; its execution accuracy is the searcher metric `eval_execution_accuracy`.
+    # Fixed validation subset (the first N valid rows) scored by generation (with
+    # `validation_decoding`) at every evaluation; its execution accuracy is the searcher
+    # metric `eval_execution_accuracy`.
     generation_samples: int = 32
     # Teacher-forced loss/token accuracy on the first N valid rows; None = the whole split.
     loss_samples: int | None = None
@@ -220,6 +256,11 @@ class EvalArgs:
     batch_size: int = 16
     timeout_s: float = 2.0
     compare_base: bool = True
+    # Decoding for the final evaluation and the served model (see DecodingArgs).
+    decoding: DecodingArgs = field(default_factory=DecodingArgs)
+    # Decoding for the in-training validation metric (the searcher metric); kept separate so
+    # that a costly `decoding` does not slow every evaluation during training.
+    validation_decoding: DecodingArgs = field(default_factory=DecodingArgs)
 
     def __post_init__(self) -> None:
         if self.generation_samples < 0:

@@ -129,7 +129,8 @@ def build_generation_metrics(
     examples: Sequence[Example],
     progress: bool,
 ) -> Callable[[Any], dict[str, float]] | None:
-    """Execution accuracy (and friends) of greedy generations on a fixed validation subset."""
+    """Execution accuracy (and friends) on a fixed validation subset, decoded with
+    ``eval.validation_decoding`` (greedy unless set: it runs at every evaluation)."""
     subset = list(examples[: hp.eval.generation_samples])
     if not subset:
         return None
@@ -155,6 +156,8 @@ def build_generation_metrics(
             progress=progress and rank == 0,
             desc="validation generation",
             synced_gpus=zero3,
+            timeout_s=hp.eval.timeout_s,
+            **asdict(hp.eval.validation_decoding),
         )
         preds: list[str] = [""] * len(subset)
         if world > 1:
