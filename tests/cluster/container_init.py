@@ -82,7 +82,9 @@ def build_filesystem(spec: dict[str, Any]) -> None:
 
 def loopback_up() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING))
+        fcntl.ioctl(
+            s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING)
+        )
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:

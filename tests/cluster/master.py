@@ -142,13 +142,20 @@ class MetricsReport:
     archived: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        """A v1MetricsReport. Its ``metrics`` is the master's stored JSON body, snake_case
+        (db/postgres_trial_metrics.go): ``validation_metrics`` for the validation group,
+        ``avg_metrics`` + ``batch_metrics`` for every other group."""
+        if self.group == "validation":
+            body: dict[str, Any] = {"validation_metrics": self.avg_metrics}
+        else:
+            body = {"avg_metrics": self.avg_metrics, "batch_metrics": self.batch_metrics}
         return {
             "id": self.id,
             "trialId": self.trial_id,
             "trialRunId": self.trial_run_id,
             "totalBatches": self.steps_completed,
             "group": self.group,
-            "metrics": {"avgMetrics": self.avg_metrics, "batchMetrics": self.batch_metrics},
+            "metrics": body,
             "endTime": self.end_time,
             "archived": self.archived,
         }
@@ -219,7 +226,9 @@ def complete_config(
     variables = env.get("environment_variables") or []
     if isinstance(variables, list):
         variables = {"cpu": list(variables), "cuda": list(variables), "rocm": list(variables)}
-    env["environment_variables"] = {k: list(variables.get(k) or []) for k in ("cpu", "cuda", "rocm")}
+    env["environment_variables"] = {
+        k: list(variables.get(k) or []) for k in ("cpu", "cuda", "rocm")
+    }
     image = env.get("image")
     if not isinstance(image, dict):
         image = {"cpu": image, "cuda": image, "rocm": image}
@@ -404,6 +413,7 @@ class StandInMaster:
         self.root = root
         self.slots = slots
         self.username = username
+        self.password = password
         self._password_hash = authentication.salt_and_hash(password)
         self.task_environment = dict(task_environment or {})
         self.storage_dir = root / "checkpoints"
@@ -701,7 +711,8 @@ class StandInMaster:
             if slots > self.slots:
                 raise api.ApiError(
                     400,
-                    f"resources.slots_per_trial={slots} does not fit the agent's {self.slots} slots",
+                    f"resources.slots_per_trial={slots} does not fit the agent's "
+                    f"{self.slots} slots",
                 )
             for mount in config["bind_mounts"]:
                 if not Path(mount["host_path"]).exists():
@@ -945,15 +956,60 @@ class StandInMaster:
             "taskIds": [trial.task_id],
             "searcherMetricValue": float(best.avg_metrics[metric]) if best else None,
             "checkpointCount": len(ckpts),
-            "totalCheckpointSize": str(
-                sum(int(v) for c in ckpts for v in c["resources"].values())
-            ),
+            "totalCheckpointSize": str(sum(int(v) for c in ckpts for v in c["resources"].values())),
             "wallClockTime": 0.0,
         }
 
     def api_GetTrial(self, *, params: dict[str, str], **_: Any) -> dict[str, Any]:
         with self.lock:
             return {"trial": self._trial_json(self._trial(params["trialId"]))}
+
+    def api_GetTrialWorkloads(
+        self, *, params: dict[str, str], query: dict[str, list[str]], **_: Any
+    ) -> dict[str, Any]:
+        """Training, validation and checkpoint workloads by step (``det e describe``)."""
+        with self.lock:
+            trial = self._trial(params["trialId"])
+            workloads: list[tuple[int, int, dict[str, Any]]] = []
+            for m in self.metrics:
+                if m.trial_id == trial.id and not m.archived:
+                    kind = "validation" if m.group == "validation" else "training"
+                    workloads.append(
+                        (
+                            m.steps_completed,
+                            1 if kind == "validation" else 0,
+                            {
+                                kind: {
+                                    "endTime": m.end_time,
+                                    "metrics": {"avgMetrics": m.avg_metrics, "batchMetrics": []},
+                                    "numInputs": 0,
+                                    "totalBatches": m.steps_completed,
+                                }
+                            },
+                        )
+                    )
+            for c in self.checkpoints.values():
+                if c["trial_id"] == trial.id:
+                    steps = int((c.get("metadata") or {}).get("steps_completed", 0))
+                    workloads.append(
+                        (
+                            steps,
+                            2,
+                            {
+                                "checkpoint": {
+                                    "uuid": c["uuid"],
+                                    "endTime": c["reportTime"],
+                                    "state": c.get("state") or "STATE_COMPLETED",
+                                    "resources": dict(c.get("resources") or {}),
+                                    "metadata": dict(c.get("metadata") or {}),
+                                    "totalBatches": steps,
+                                }
+                            },
+                        )
+                    )
+        workloads.sort(key=lambda w: (w[0], w[1]))
+        page, pagination = _paginate([w[2] for w in workloads], query)
+        return {"workloads": page, "pagination": pagination}
 
     def api_GetTrialCheckpoints(
         self, *, params: dict[str, str], query: dict[str, list[str]], **_: Any
@@ -1016,7 +1072,9 @@ class StandInMaster:
             trial.progress = float(body.progress)
             self.progress_reports.append((trial.id, trial.progress))
 
-    def api_ReportTrialSearcherEarlyExit(self, *, params: dict[str, str], body: Any, **_: Any) -> None:
+    def api_ReportTrialSearcherEarlyExit(
+        self, *, params: dict[str, str], body: Any, **_: Any
+    ) -> None:
         with self.lock:
             trial = self._trial(params["trialId"])
             reason = body.get("reason") if isinstance(body, dict) else getattr(body, "reason", None)
@@ -1275,8 +1333,12 @@ class StandInMaster:
         )
         alloc.container = container
         self._log_line(
-            trial.id, None, "stdout", f"Trial {trial.id} (Experiment {exp.id}) was assigned "
-            f"to an agent (allocation {alloc.id}, run {trial.run_id})\n", source="master"
+            trial.id,
+            None,
+            "stdout",
+            f"Trial {trial.id} (Experiment {exp.id}) was assigned "
+            f"to an agent (allocation {alloc.id}, run {trial.run_id})\n",
+            source="master",
         )
         container.start()
         threading.Thread(target=self._watch, args=(alloc,), daemon=True).start()
@@ -1318,7 +1380,10 @@ class StandInMaster:
             exp = self.experiments[trial.experiment_id]
             trial.allocation = None
             self._log_line(
-                trial.id, None, "stdout", f"container {alloc.container_id} exited: {rc}\n",
+                trial.id,
+                None,
+                "stdout",
+                f"container {alloc.container_id} exited: {rc}\n",
                 source="master",
             )
             if exp.state == "STOPPING_CANCELED":
@@ -1364,9 +1429,7 @@ def _finite(value: Any) -> bool:
     )
 
 
-def _paginate(
-    items: list[Any], query: dict[str, list[str]]
-) -> tuple[list[Any], dict[str, Any]]:
+def _paginate(items: list[Any], query: dict[str, list[str]]) -> tuple[list[Any], dict[str, Any]]:
     offset = int((query.get("offset") or ["0"])[0] or 0)
     limit = int((query.get("limit") or ["0"])[0] or 0)
     end = len(items) if limit <= 0 else min(len(items), offset + limit)
@@ -1453,9 +1516,7 @@ def _handler_class(master: StandInMaster) -> type[BaseHTTPRequestHandler]:
                 self._send(500, api.ApiError(500, message).body())
                 return
             if stream:
-                data = b"".join(
-                    json.dumps({"result": r}).encode() + b"\n" for r in answer
-                )
+                data = b"".join(json.dumps({"result": r}).encode() + b"\n" for r in answer)
                 self._send_raw(status, data)
             else:
                 self._send(status, answer)
@@ -1464,11 +1525,14 @@ def _handler_class(master: StandInMaster) -> type[BaseHTTPRequestHandler]:
             self._send_raw(status, json.dumps(obj).encode())
 
         def _send_raw(self, status: int, data: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            # A task that exits during a long-poll (the preemption watcher is a daemon thread)
+            # has closed its end: nothing to answer.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 
