@@ -9,7 +9,7 @@ storage at ``/determined_shared_fs``, a private loopback with the master reachab
 image environment whose ``python3`` is the prepared virtualenv (it stands in for the task image).
 
 The container's stdout/stderr lines go to ``on_line`` (the master's task logs) and to
-``<root>/output.log``.
+``<root>/output.log`` (with the time and o/e for stdout/stderr).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class Container:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace")
             with self._log_lock:
-                self._log.write(line)
+                self._log.write(f"{time.strftime('%H:%M:%S')} {kind[3]} {line}")
                 self._log.flush()
             self.on_line(kind, line)
 

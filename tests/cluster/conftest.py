@@ -152,14 +152,15 @@ def cluster_data(spider_dir: Path, sql_create_context_path: Path) -> Path:
 def cluster_yaml(
     tmp_path: Path, cluster_tiny_llama: Path, cluster_data: Path
 ) -> Callable[..., Path]:
-    """``cluster_yaml(name, extra={top-level keys}, hparams={nested overrides}, **kwargs of
-    tiny.write_experiment)``."""
+    """``cluster_yaml(name, extra={top-level keys}, hparams={nested overrides},
+    env=["K=V", ...], **kwargs of tiny.write_experiment)``."""
 
     def make(
         name: str = "tiny",
         *,
         extra: dict[str, Any] | None = None,
         hparams: dict[str, Any] | None = None,
+        env: list[str] | None = None,
         **kwargs: Any,
     ) -> Path:
         path = tiny.write_experiment(
@@ -171,7 +172,9 @@ def cluster_yaml(
             {"host_path": str(p), "container_path": str(p), "read_only": True}
             for p in (cluster_tiny_llama, cluster_data)
         ]
-        config["environment"] = {"environment_variables": [f"TEXT2SQL_DATA={cluster_data}"]}
+        config["environment"] = {
+            "environment_variables": [f"TEXT2SQL_DATA={cluster_data}", *(env or [])]
+        }
         config.update(extra or {})
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path

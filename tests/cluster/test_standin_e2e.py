@@ -179,6 +179,10 @@ def test_deepspeed_zero2_two_ranks(standin: Cluster, cluster_yaml: Callable[...,
         slots=2,
         lr=1e-3,
         entrypoint=DEEPSPEED,
+        # The deepspeed launcher starts one rank per device; DeepSpeed's CPU accelerator
+        # counts devices from LOCAL_SIZE (else NUMA nodes: 1 here). On GPUs the agent's
+        # CUDA_VISIBLE_DEVICES plays this part.
+        env=["LOCAL_SIZE=2"],
         # Relative to the context directory, the trial's working directory.
         hparams={
             **DETERMINISTIC,
