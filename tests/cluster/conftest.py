@@ -84,7 +84,7 @@ class Cluster:
         return int(m.group(1))
 
     def text2sql(
-        self, *args: str, timeout: float = 600, **env: str
+        self, *args: str, timeout: float = 1800, **env: str
     ) -> subprocess.CompletedProcess[str]:
         script = BIN / "text2sql"
         cmd = [str(script)] if script.exists() else [sys.executable, "-m", "trainer.cli"]

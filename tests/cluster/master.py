@@ -73,6 +73,7 @@ RESOURCE_POOL = "default"
 TERMINAL_TRIAL_STATES = {"COMPLETED", "ERROR", "CANCELED"}
 TERMINAL_EXPERIMENT_STATES = {"COMPLETED", "ERROR", "CANCELED"}
 SEARCHERS = {"single", "grid", "random"}
+DEFAULT_IMAGE = "determinedai/pytorch-ngc-dev:0736b6d"
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class Allocation:
     acked_preemption: bool = False
     exit_code: int | None = None
     accelerator_data: dict[str, Any] | None = None
+    latest_checkpoint: str | None = None  # DET_LATEST_CHECKPOINT handed to the container
 
 
 @dataclass
@@ -232,9 +234,10 @@ def complete_config(
     image = env.get("image")
     if not isinstance(image, dict):
         image = {"cpu": image, "cuda": image, "rocm": image}
-    env["image"] = {k: image.get(k) or "determinedai/pytorch-ngc-dev:0736b6d" for k in image} | {
-        k: image.get(k) or "determinedai/pytorch-ngc-dev:0736b6d" for k in ("cpu", "cuda", "rocm")
-    }
+    if "gpu" in image:  # the legacy key
+        image.setdefault("cuda", image.pop("gpu"))
+    # The 0.38.1 default task image, for whichever flavour is missing.
+    env["image"] = {k: image.get(k) or DEFAULT_IMAGE for k in ("cpu", "cuda", "rocm")}
     for key, default in (
         ("force_pull_image", False),
         ("ports", {}),
@@ -1316,7 +1319,7 @@ class StandInMaster:
             }
         )
         if latest is not None:
-            env["DET_LATEST_CHECKPOINT"] = latest["uuid"]
+            env["DET_LATEST_CHECKPOINT"] = alloc.latest_checkpoint = latest["uuid"]
         env.update(self.task_environment)
         for item in exp.config["environment"]["environment_variables"]["cpu"]:
             key, _, value = str(item).partition("=")
