@@ -97,7 +97,7 @@ class Cluster:
         problems = self.master.unimplemented + self.master.problems
         assert not problems, "stand-in master:\n" + "\n".join(problems)
 
-    def wait(self, exp_id: int, timeout: float = 900, states: set[str] | None = None) -> str:
+    def wait(self, exp_id: int, timeout: float = 1800, states: set[str] | None = None) -> str:
         states = states or {"COMPLETED", "ERROR", "CANCELED"}
         try:
             return self.master.wait_for_experiment(exp_id, states, timeout)
@@ -109,7 +109,7 @@ class Cluster:
         exp = self.master.experiments[exp_id]
         return "".join(self.master.trial_log_text(t) for t in exp.trial_ids)
 
-    def completed(self, exp_id: int, timeout: float = 900) -> None:
+    def completed(self, exp_id: int, timeout: float = 1800) -> None:
         state = self.wait(exp_id, timeout)
         if state != "COMPLETED":
             print(self.logs(exp_id)[-20000:])

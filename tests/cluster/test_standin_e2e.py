@@ -200,7 +200,7 @@ def test_deepspeed_zero2_two_ranks(standin: Cluster, cluster_yaml: Callable[...,
         },
     )
     exp_id = standin.create(config)
-    standin.completed(exp_id, timeout=1800)  # the first run compiles DeepSpeed's CPU op
+    standin.completed(exp_id, timeout=2700)  # the first run compiles DeepSpeed's CPU op
     (trial_id,) = standin.master.experiments[exp_id].trial_ids
     checkpoints = assert_trial_reported(standin, trial_id, steps)
     logs = standin.master.trial_log_text(trial_id)
@@ -264,10 +264,10 @@ def test_pause_checkpoints_and_activate_resumes_with_the_same_losses(
 
     exp_id = standin.create(cluster_yaml("paused", **common))
     (trial_id,) = master.experiments[exp_id].trial_ids
-    master.wait_for(lambda: len(step_losses(master, trial_id)) >= 2, 600, "two training steps")
+    master.wait_for(lambda: len(step_losses(master, trial_id)) >= 2, 1800, "two training steps")
     out = standin.det("e", "pause", str(exp_id)).stdout
     assert f"Paused experiment {exp_id}" in out
-    master.wait_for(lambda: master.trials[trial_id].state == "PAUSED", 600, "the trial to stop")
+    master.wait_for(lambda: master.trials[trial_id].state == "PAUSED", 1800, "the trial to stop")
     trial = master.trials[trial_id]
     first = master.allocations[trial.allocations[0]]
     assert first.exit_code == 0 and first.acked_preemption
