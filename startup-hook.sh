@@ -68,6 +68,14 @@ PYTHON
         exit 1
     fi
 
+    # An image that already has the project's dependencies and should not reach PyPI (one
+    # built from cluster/deploy/Dockerfile, or the stand-in cluster of tests/cluster/) sets
+    # TEXT2SQL_SKIP_INSTALL=1: the code itself comes with the context directory.
+    if [ -n "${TEXT2SQL_SKIP_INSTALL:-}" ]; then
+        echo "startup-hook.sh: TEXT2SQL_SKIP_INSTALL is set; not installing the project"
+        exit 0
+    fi
+
     # GPU containers also get the DeepSpeed and bitsandbytes extras (ZeRO and QLoRA runs).
     extras=""
     [ "$has_gpu" = 1 ] && extras="[deepspeed,qlora]"

@@ -475,7 +475,11 @@ def run_on_cluster(info: Any) -> dict[str, Any]:
         progress=False,
         searcher_metric=config.get("searcher", {}).get("metric"),
     )
-    with det.core.init(distributed=distributed) as core_context:
+    # MANUAL: the default (AUTO) imports tensorboard for a metric writer, which neither this
+    # project nor the task images install (every trial died before its first step).
+    with det.core.init(
+        distributed=distributed, tensorboard_mode=det.core.TensorboardMode.MANUAL
+    ) as core_context:
         args = build_training_args(hp, env)
         det_cb = fixed_det_callback_class()(core_context, args)
         env.callbacks.append(det_cb)
