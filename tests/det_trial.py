@@ -29,8 +29,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -223,14 +227,21 @@ class TrialContainer:
     latest_checkpoint: str | None = None
     steps_completed: int = 0
     trial_run_id: int = 1
+    # Unique per container: the launchers name machine-wide things after the allocation
+    # (/tmp/pid_server-<allocation id>), and other tests may run trials at the same time.
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     @property
     def info_dir(self) -> Path:
         return self.root / "run" / "determined" / "info"
 
     @property
+    def task_id(self) -> str:
+        return f"{self.experiment_id}.{self.token}"
+
+    @property
     def allocation_id(self) -> str:
-        return f"{self.experiment_id}.{self.trial_id}.{self.trial_run_id}"
+        return f"{self.task_id}.{self.trial_run_id}"
 
     def write(self) -> TrialContainer:
         """Write the info files as ``determined.exec.prep_container`` does in a container."""
@@ -241,7 +252,7 @@ class TrialContainer:
                 "cluster_id": "stand-in-cluster",
                 "agent_id": "stand-in-agent",
                 "slot_ids": list(range(self.slots)),
-                "task_id": f"{self.experiment_id}.{self.trial_id}",
+                "task_id": self.task_id,
                 "allocation_id": self.allocation_id,
                 "session_token": SESSION_TOKEN,
                 "task_type": "TRIAL",
@@ -284,7 +295,7 @@ class TrialContainer:
                 "DET_MASTER": self.master_url,
                 "DET_USER": USER,
                 "DET_SESSION_TOKEN": SESSION_TOKEN,
-                "DET_TASK_ID": f"{self.experiment_id}.{self.trial_id}",
+                "DET_TASK_ID": self.task_id,
                 "DET_ALLOCATION_ID": self.allocation_id,
                 "DET_TRIAL_ID": str(self.trial_id),
                 "DET_EXPERIMENT_ID": str(self.experiment_id),
@@ -297,6 +308,33 @@ class TrialContainer:
         )
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE_DIR), env.get("PYTHONPATH")) if p)
         return env
+
+    def run(
+        self,
+        entrypoint: str,
+        *,
+        cwd: Path,
+        extra_env: dict[str, str] | None = None,
+        base_env: dict[str, str] | None = None,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the experiment's ``entrypoint`` in ``cwd`` (the container's working directory,
+        where the context was unpacked) as ``determined.exec.launch`` does: a shell command
+        line, with the container's environment (``base_env``, default this process's, plus
+        what `environ` adds)."""
+        env = self.environ(base_env)
+        # The launchers call `python3`; it must be this interpreter (the task image's).
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["C10D_PORT"] = str(free_port())  # torchrun's rendezvous, per trial
+        env.update(extra_env or {})
+        return subprocess.run(
+            ["bash", "-c", entrypoint],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def activate(self, monkeypatch: Any) -> Any:
         """Make this process a task of this container; returns ``det.get_cluster_info()``."""
@@ -319,6 +357,36 @@ class TrialContainer:
         info = det.get_cluster_info()
         assert info is not None and info.task_type == "TRIAL"
         return info
+
+
+def unpack_context(context_dir: Path, workdir: Path) -> list[str]:
+    """What a trial's working directory holds: the files ``det e create <yaml> <context_dir>``
+    uploads (the ``det`` CLI's own `read_v1_context`, honouring .detignore), unpacked as the
+    container unpacks them. Returns the paths."""
+    import base64
+    import contextlib
+    import io
+    import tarfile
+
+    from determined.common import context
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its "Preparing files..." progress line
+        files = context.read_v1_context(context_dir)
+    for f in files:
+        target = workdir / f.path
+        if f.type == ord(tarfile.DIRTYPE):
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(f.content))
+            target.chmod(f.mode & 0o777)
+    return [f.path for f in files]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_for(predicate: Any, timeout_s: float, what: str) -> None:

