@@ -13,7 +13,9 @@ What each test holds (and which issue 12 finding it covers):
   nothing installs: every trial died before its first step. The trial now completes, with
   training and validation metrics (``eval_execution_accuracy``) and a checkpoint at the master.
 - 2: the checkpoint is stored as ``<uuid>/checkpoint-<step>/...`` + ``metadata.json``; the
-  evaluation reads it in exactly that layout (it refused it: "has no text2sql.json").
+  evaluation reads it in exactly that layout (it refused it: "has no text2sql.json"), and
+  (slow) ``text2sql mirror --experiment-id`` downloads it through the SDK, evaluates and
+  registers it, and a second mirror is a no-op.
 - 7: a pause (``det e pause``: the master's preemption signal) that arrives while the trial is
   loading stops it before its first training step; one that arrives mid-training stops it
   after the current step with a checkpoint, not at the next ``logging_steps``.
@@ -23,6 +25,7 @@ Run: ``HF_HUB_OFFLINE=1 python -m pytest tests/test_cluster_trial.py -q``
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +36,9 @@ import pytest
 
 from tests import tiny
 from tests.det_trial import TrialContainer, TrialMaster, iter_files, running_master
+
+# The SDK's side (experiment, checkpoint listing): tests/test_checkpoint_source.py's fake master.
+from tests.test_checkpoint_source import EXPERIMENT_ID, FakeMaster, fake_master, master  # noqa: F401
 
 STEPS = 4
 
@@ -91,7 +97,7 @@ def run_cluster_trial(
     *,
     steps: int = STEPS,
     overrides: list[str] = (),  # type: ignore[assignment]
-    master: TrialMaster | None = None,
+    stand_in: TrialMaster | None = None,
 ) -> ClusterRun:
     """``run_on_cluster`` in this process, as the trial's entrypoint in a 1-slot container."""
     from trainer.finetune import run_on_cluster
@@ -99,7 +105,7 @@ def run_cluster_trial(
     config, hparams, out, storage = trial_config(tmp, model, steps=steps, overrides=list(overrides))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    with running_master(master) as m:
+    with running_master(stand_in) as m:
         container = TrialContainer(tmp / "container", config, hparams, m.url).write()
         info = container.activate(monkeypatch)
         summary = run_on_cluster(info)
@@ -121,17 +127,17 @@ def finished(
 
 
 def test_trial_completes_with_the_real_core_context(finished: ClusterRun) -> None:
-    master = finished.master
-    training = master.reports("training")
+    stand_in = finished.master
+    training = stand_in.reports("training")
     assert [step for step, _ in training] == list(range(1, STEPS + 1))
     assert all("loss" in metrics for _, metrics in training)
-    validation = master.reports("validation")
+    validation = stand_in.reports("validation")
     assert [step for step, _ in validation] == [STEPS]
     assert 0.0 <= validation[0][1]["eval_execution_accuracy"] <= 1.0
-    assert master.progress and master.progress[-1] == pytest.approx(1.0)
-    assert master.run_prepares == 1
+    assert stand_in.progress and stand_in.progress[-1] == pytest.approx(1.0)
+    assert stand_in.run_prepares == 1
     assert finished.summary is not None and finished.summary["global_step"] == STEPS
-    assert not finished.summary["preempted"] and not master.acks
+    assert not finished.summary["preempted"] and not stand_in.acks
 
 
 def test_checkpoint_is_registered_with_its_files_in_storage(finished: ClusterRun) -> None:
@@ -208,15 +214,15 @@ def test_text2sql_evaluate_accepts_the_cluster_layout(
 def test_pause_while_loading_stops_before_the_first_step(
     tmp_path: Path, tiny_llama: Path, spider_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    master = TrialMaster()
-    master.pause()  # `det e pause` while the container installs / the data is tokenized
+    stand_in = TrialMaster()
+    stand_in.pause()  # `det e pause` while the container installs / the data is tokenized
     # logging_steps > max_steps: a check only in on_log would train every step first.
     run = run_cluster_trial(
         tmp_path,
         tiny_llama,
         monkeypatch,
         steps=12,
-        master=master,
+        stand_in=stand_in,
         overrides=[
             "training_args.logging_steps=20",
             "training_args.eval_steps=12",
@@ -225,22 +231,22 @@ def test_pause_while_loading_stops_before_the_first_step(
     )
     assert run.summary is not None and run.summary["preempted"]
     assert run.summary["global_step"] == 0
-    assert master.reports("training") == [] and master.progress == []
-    assert master.checkpoints == []  # nothing trained, nothing to save
-    assert master.acks == [run.container.allocation_id]  # the master may reschedule it
+    assert stand_in.reports("training") == [] and stand_in.progress == []
+    assert stand_in.checkpoints == []  # nothing trained, nothing to save
+    assert stand_in.acks == [run.container.allocation_id]  # the master may reschedule it
 
 
 def test_pause_mid_training_stops_after_the_current_step(
     tmp_path: Path, tiny_llama: Path, spider_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    master = TrialMaster()
-    master.pause_at_progress = 2 / 12  # the stand-in pauses once progress reports step 2
+    stand_in = TrialMaster()
+    stand_in.pause_at_progress = 2 / 12  # the stand-in pauses once progress reports step 2
     run = run_cluster_trial(
         tmp_path,
         tiny_llama,
         monkeypatch,
         steps=12,
-        master=master,
+        stand_in=stand_in,
         overrides=[
             "training_args.logging_steps=10",
             "training_args.eval_steps=12",
@@ -252,6 +258,68 @@ def test_pause_mid_training_stops_after_the_current_step(
     # The signal reaches the trial through the long-poll within milliseconds; one step of
     # slack for that race. Checked only in on_log, it would run to step 10.
     assert 2 <= stopped <= 4, stopped
-    assert [c["metadata"]["steps_completed"] for c in master.checkpoints] == [stopped]
-    assert master.acks == [run.container.allocation_id]
-    assert master.reports("validation") == []  # no evaluation after a pause
+    assert [c["metadata"]["steps_completed"] for c in stand_in.checkpoints] == [stopped]
+    assert stand_in.acks == [run.container.allocation_id]
+    assert stand_in.reports("validation") == []  # no evaluation after a pause
+
+
+@pytest.mark.slow
+def test_mirror_experiment_id_takes_the_checkpoint_as_the_cluster_stored_it(
+    finished: ClusterRun,
+    master: FakeMaster,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`text2sql mirror --experiment-id` through the real SDK (tests/test_checkpoint_source.py's
+    fake master serves the experiment and this checkpoint's record), downloading from the
+    ``directory`` storage the trial wrote to: evaluated, logged, registered; again: a no-op."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.cli import main
+
+    record = finished.checkpoint
+    (_, validation), *_ = finished.master.reports("validation")
+    (_, training), *_ = reversed(finished.master.reports("training"))
+    entry = copy.deepcopy(master.checkpoints[0])
+    entry.update(
+        uuid=record["uuid"],
+        resources=record["resources"],
+        metadata=record["metadata"],
+        state="STATE_COMPLETED",
+        reportTime=record["reportTime"],
+    )
+    entry["training"].update(
+        experimentConfig=finished.container.config,
+        hparams=finished.container.hparams,
+        trainingMetrics={"avgMetrics": training, "batchMetrics": []},
+        validationMetrics={"avgMetrics": validation},
+        searcherMetric=validation["eval_execution_accuracy"],
+    )
+    master.checkpoints = [entry]
+    master.experiment["experiment"]["config"] = copy.deepcopy(finished.container.config)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [
+        "mirror",
+        "--experiment-id",
+        str(EXPERIMENT_ID),
+        "--tracking-uri",
+        uri,
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--name",
+        "tiny-cluster",
+        "--no-progress",
+    ]
+
+    assert main(argv) == 0, capsys.readouterr().err
+    downloaded = tmp_path / "work" / "checkpoint" / record["uuid"]
+    assert (downloaded / f"checkpoint-{STEPS}" / "text2sql.json").is_file()
+    client = MlflowClient(tracking_uri=uri)
+    versions = client.search_model_versions("name='tiny-cluster'")
+    assert [v.version for v in versions] == ["1"]
+    assert versions[0].tags["text2sql.checkpoint_uuid"] == record["uuid"]
+
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert len(client.search_model_versions("name='tiny-cluster'")) == 1

@@ -153,3 +153,30 @@ def test_lost_replies_make_one_experiment_one_run_one_version(
         uri,
     )
     assert again == version
+
+
+def test_live_training_logger_makes_one_run_when_its_create_reply_is_lost(
+    server: MlflowServer, lossy: LossyProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from trainer.callbacks import MlflowLiveLogger, configure_quiet_mlflow_http
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    configure_quiet_mlflow_http()  # as run_off_cluster does: one quick attempt per report
+    live = MlflowLiveLogger(lossy.url, "live-lost-reply", run_name="trial-1", tags={"k": "v"})
+    live.log({"loss": 2.0}, step=1)  # create_experiment's reply is lost: buffered
+    live.log({"loss": 1.5}, step=2)  # the experiment is found; create_run's reply is lost
+    assert len(live.buffer) == 2
+    assert sorted(lossy.dropped) == sorted([EXPERIMENTS_CREATE, RUNS_CREATE])
+    live.log({"loss": 1.2}, step=3)  # finds the run the lost reply made, sends all three
+    assert not live.buffer
+
+    direct = MlflowClient(tracking_uri=server.url)
+    exp = direct.get_experiment_by_name("live-lost-reply")
+    runs = direct.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [live.run_id]
+    history = direct.get_metric_history(live.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.5), (3, 1.2)]
+    assert lossy.seen.count(("POST", RUNS_CREATE)) == 1

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from trainer.run_store import TrialDir
 log = logging.getLogger(__name__)
 
 SPEED_SUFFIXES = ("_runtime", "_per_second", "_compilation_time")
+LIVE_RUN_KEY = "text2sql.live_run_key"
 
 
 def split_metrics(logs: dict[str, Any]) -> tuple[str, dict[str, float]]:
@@ -103,11 +105,16 @@ class MlflowLiveLogger:
         self.experiment_name = experiment_name
         self.run_id = run_id
         self.run_name = run_name
-        self.tags = tags or {}
+        self.tags = dict(tags or {})
         self.params = params or {}
         self.buffer: list[tuple[str, float, int, int]] = []
         self._warned = False
         self._client: Any = None
+        # The run is found by this tag if a create_run's reply was lost (the server made the
+        # run, we saw an error): retrying the create would make a second run.
+        self._key = uuid.uuid4().hex
+        self.tags[LIVE_RUN_KEY] = self._key
+        self._create_attempted = False
 
     def _ensure_run(self) -> None:
         import mlflow
@@ -128,7 +135,15 @@ class MlflowLiveLogger:
                     self.experiment_name, artifact_location=artifact_location(self.tracking_uri)
                 )
             )
-            run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+            run = None
+            if self._create_attempted:
+                found = self._client.search_runs(
+                    [exp_id], filter_string=f"tags.`{LIVE_RUN_KEY}` = '{self._key}'", max_results=1
+                )
+                run = found[0] if found else None
+            if run is None:
+                self._create_attempted = True
+                run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
             self.run_id = run.info.run_id
             if self.params:
                 from mlflow.entities import Param
