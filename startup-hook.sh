@@ -20,7 +20,7 @@
 #
 # It runs as a subshell so that its shell options do not leak into Determined's entrypoint
 # (which sources it under `set -e`); a failure here still fails the task, with the reason in
-# the trial log. On an image that lacks the pins it costs ~3 min of CPU and ~350 MB of
+# the trial log. On an image that lacks the pins it costs ~3 min of CPU and ~360 MB of
 # downloads per container start (measured: cluster/README.md, "Task image"); on an image baked
 # from cluster/deploy/Dockerfile it runs no pip and takes under a second of CPU.
 (

@@ -163,8 +163,9 @@ def test_live_training_logger_makes_one_run_when_its_create_reply_is_lost(
     from trainer.callbacks import MlflowLiveLogger, configure_quiet_mlflow_http
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
-    configure_quiet_mlflow_http()  # as run_off_cluster does: one quick attempt per report
+    # Training's 5 s limit would also fail requests on a loaded machine: not what is tested.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    configure_quiet_mlflow_http()  # as run_off_cluster does: one attempt per report
     live = MlflowLiveLogger(lossy.url, "live-lost-reply", run_name="trial-1", tags={"k": "v"})
     live.log({"loss": 2.0}, step=1)  # create_experiment's reply is lost: buffered
     live.log({"loss": 1.5}, step=2)  # the experiment is found; create_run's reply is lost
