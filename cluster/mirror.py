@@ -20,13 +20,15 @@ served model does not have (it uses an empty database built from the schema).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -150,32 +152,99 @@ def artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def single_http_attempt() -> Iterator[None]:
+    """MLflow's HTTP client retries every method, POST included, when a reply is lost
+    (``urllib3.Retry(allowed_methods=None)`` in ``mlflow/utils/request_utils.py``): a create
+    whose reply was lost is sent again and makes a second run or model version. Inside this
+    block requests go out once; `create_once` decides what to do after a failure."""
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    old = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def create_once(
+    create: Callable[[], T], find: Callable[[], T | None], what: str, tracking_uri: str
+) -> T:
+    """Create something MLflow has no request id for (experiment, run, model version) without
+    ever making two: each request is sent once, and before every retry ``find`` looks it up by
+    the deterministic name or tag it was created with, in case the server made it but the
+    reply was lost."""
+    attempts = 0
+
+    def attempt() -> T:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 1:
+            found = find()
+            if found is not None:
+                log.info("MLflow %s: found the one a lost reply had created", what)
+                return found
+        with single_http_attempt():
+            return create()
+
+    return with_retries(attempt, what, tracking_uri)
+
+
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
     exp = with_retries(
         lambda: client.get_experiment_by_name(name), "looking up the experiment", tracking_uri
     )
     if exp is not None:
         return str(exp.experiment_id)
-    return str(
-        with_retries(
-            lambda: client.create_experiment(
-                name, artifact_location=artifact_location(tracking_uri)
-            ),
-            "creating the experiment",
-            tracking_uri,
+
+    def find() -> str | None:
+        found = client.get_experiment_by_name(name)
+        return str(found.experiment_id) if found is not None else None
+
+    return create_once(
+        lambda: str(
+            client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+        ),
+        find,
+        "creating the experiment",
+        tracking_uri,
+    )
+
+
+def _runs_for(client: Any, experiment_id: str, uuid: str) -> list[Any]:
+    return list(
+        client.search_runs(
+            [experiment_id], filter_string=f"tags.`{TAG_UUID}` = '{uuid}'", max_results=5
         )
     )
 
 
 def find_run(client: Any, experiment_id: str, uuid: str, tracking_uri: str) -> Any:
     runs = with_retries(
-        lambda: client.search_runs(
-            [experiment_id], filter_string=f"tags.`{TAG_UUID}` = '{uuid}'", max_results=5
-        ),
-        "searching runs",
-        tracking_uri,
+        lambda: _runs_for(client, experiment_id, uuid), "searching runs", tracking_uri
     )
     return runs[0] if runs else None
+
+
+def ensure_run(client: Any, experiment_id: str, uuid: str, run_name: str, tracking_uri: str) -> Any:
+    """The experiment's run for checkpoint ``uuid`` (tag `TAG_UUID`), created once."""
+    run = find_run(client, experiment_id, uuid, tracking_uri)
+    if run is not None:
+        return run
+
+    def find() -> Any:
+        runs = _runs_for(client, experiment_id, uuid)
+        return runs[0] if runs else None
+
+    return create_once(
+        lambda: client.create_run(experiment_id, run_name=run_name, tags={TAG_UUID: uuid}),
+        find,
+        "creating the run",
+        tracking_uri,
+    )
 
 
 def mirror(
@@ -249,18 +318,17 @@ def mirror(
         ckpt_dir = source.local_path(info)
     else:
         ckpt_dir = work / "checkpoint" / info.uuid
-        if not (ckpt_dir / "text2sql.json").is_file():
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if not _complete_download(ckpt_dir, info.resources):
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # a partial copy from an earlier try
+            ckpt_dir.mkdir(parents=True)
             source.download(info, ckpt_dir)
 
     if run is None:
-        run = with_retries(
-            lambda: client.create_run(
-                exp_id,
-                run_name=f"{experiment_name}-trial{info.trial_id}-{info.uuid[:8]}",
-                tags={TAG_UUID: info.uuid},
-            ),
-            "creating the run",
+        run = ensure_run(
+            client,
+            exp_id,
+            info.uuid,
+            f"{experiment_name}-trial{info.trial_id}-{info.uuid[:8]}",
             tracking_uri,
         )
     run_id = run.info.run_id
@@ -476,6 +544,19 @@ def mirror(
     )
 
 
+def _complete_download(path: Path, resources: dict[str, int]) -> bool:
+    """An earlier run's download of this checkpoint, every recorded file there at its size."""
+    from cluster.checkpoint_source import verify_checkpoint_dir
+
+    if not resources or not path.is_dir():
+        return False
+    try:
+        verify_checkpoint_dir(path, resources)
+    except UserError:
+        return False
+    return True
+
+
 def _register(
     client: Any, name: str, model_uri: str, run_id: str, uuid: str, score: float, tracking_uri: str
 ) -> str:
@@ -488,28 +569,35 @@ def _register(
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    versions = with_retries(
-        lambda: client.search_model_versions(f"name='{name}'"),
-        "listing model versions",
-        tracking_uri,
-    )
-    for v in versions:
-        if (v.tags or {}).get(TAG_UUID) == uuid:
-            return str(v.version)
-    mv = with_retries(
-        lambda: client.create_model_version(
-            name,
-            model_uri,
-            run_id=run_id,
-            tags={TAG_UUID: uuid, "execution_accuracy": f"{score:.6f}"},
-            # A tracking *server* (unlike a local store) refuses a `models:/m-...` source unless
-            # the logged model's id is given with it (MLflow 3.17 INVALID_PARAMETER_VALUE).
-            model_id=model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None,
+
+    def find() -> str | None:
+        for v in client.search_model_versions(f"name='{name}'"):
+            if (v.tags or {}).get(TAG_UUID) == uuid:
+                return str(v.version)
+        return None
+
+    version = with_retries(find, "listing model versions", tracking_uri)
+    if version is not None:
+        return version
+    return create_once(
+        lambda: str(
+            client.create_model_version(
+                name,
+                model_uri,
+                run_id=run_id,
+                tags={TAG_UUID: uuid, "execution_accuracy": f"{score:.6f}"},
+                # A tracking *server* (unlike a local store) refuses a `models:/m-...` source
+                # unless the logged model's id is given with it (MLflow 3.17
+                # INVALID_PARAMETER_VALUE).
+                model_id=(
+                    model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
+                ),
+            ).version
         ),
+        find,
         "creating the model version",
         tracking_uri,
     )
-    return str(mv.version)
 
 
 def _maybe_promote(

@@ -311,9 +311,18 @@ def _load_hub(spec: SourceSpec) -> tuple[list[dict[str, Any]], str, str]:
     if hub_id is None:
         raise UserError(f"format {spec.format!r} has no Hub dataset; give data path=<file>")
     if hub_offline():
+        base, default = shared_data_dir(), FORMATS[spec.format].local_default
+        where = ""
+        if base is not None and default:
+            where = f"; the local data directory {base} has no {default}"
+            if not base.is_dir():
+                where = (
+                    f"; the local data directory {base} does not exist (on a cluster: is the "
+                    "experiment's bind mount there? cluster/README.md, 'Data')"
+                )
         raise UserError(
             f"dataset {hub_id!r} is not available locally and the HuggingFace Hub is offline "
-            "(HF_HUB_OFFLINE=1). Point the loader at local files: set the source's `path` "
+            f"(HF_HUB_OFFLINE=1){where}. Point the loader at local files: set the source's `path` "
             "(e.g. --set data.sources.0.path=/data/my.jsonl) or TEXT2SQL_DATA=<folder holding "
             f"{' or '.join(FORMATS[spec.format].local_default) or 'your files'}>"
         )

@@ -1,11 +1,12 @@
 """Evaluate a fine-tuning checkpoint against its base model on the held-out test split.
 
-A checkpoint folder (from the local run store or downloaded through the Determined SDK)
-carries ``text2sql.json``: the resolved hyperparameters and prompt format it was trained with.
-From it we rebuild the exact test split (same sources, subset, split seed; the dataset cache
-makes this instant), load the model -- base + LoRA adapter (safetensors), or the full
-fine-tuned weights -- and generate greedily for the adapter and, with the adapter disabled,
-for the base model, with the checkpoint's ``eval.decoding`` (or an override). Every prediction
+A checkpoint folder (from the local run store, or from Determined checkpoint storage / the SDK,
+where the files sit in ``checkpoint-<step>/``: see `checkpoint_files`) carries ``text2sql.json``:
+the resolved hyperparameters and prompt format it was trained with. From it we rebuild the
+exact test split (same sources, subset, split seed; the dataset cache makes this instant), load
+the model -- base + LoRA adapter (safetensors), or the full fine-tuned weights -- and generate
+for the adapter and, with the adapter disabled, for the base model, with the checkpoint's
+``eval.decoding`` (or an override). Every prediction
 is judged by execution in the sandbox.
 """
 
@@ -47,11 +48,37 @@ class Comparison:
     decoding: dict[str, Any] = field(default_factory=dict)  # DecodingArgs used, as a dict
 
 
+MANIFEST = "text2sql.json"
+
+
+def checkpoint_files(path: Path) -> Path:
+    """The folder that holds a checkpoint's files, in either layout a checkpoint is stored in.
+
+    - The local run store (``runs/<x>/trial-<n>/checkpoints/<uuid>/``) and a Trainer's own
+      ``checkpoint-<step>/`` folder: the files (``text2sql.json``, weights, tokenizer) at the top.
+    - Determined checkpoint storage, as `DetCallback` uploads the Trainer's output folder:
+      ``<uuid>/checkpoint-<step>/...`` beside Determined's ``<uuid>/metadata.json``. That is
+      also what ``text2sql mirror --experiment-id`` downloads.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    steps = sorted(p for p in path.glob("checkpoint-*") if (p / MANIFEST).is_file())
+    if len(steps) == 1:
+        return steps[0]
+    if len(steps) > 1:
+        raise UserError(
+            f"{path} holds {len(steps)} checkpoints ({', '.join(p.name for p in steps)}); "
+            "pass one of them"
+        )
+    raise UserError(
+        f"{path} has no {MANIFEST} (at its top or in one checkpoint-<step>/ folder): not a "
+        "checkpoint written by this trainer"
+    )
+
+
 def read_manifest(ckpt: Path) -> dict[str, Any]:
-    f = ckpt / "text2sql.json"
-    if not f.is_file():
-        raise UserError(f"{ckpt} has no text2sql.json: not a checkpoint written by this trainer")
-    return json.loads(f.read_text())
+    return json.loads((checkpoint_files(ckpt) / MANIFEST).read_text())
 
 
 def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
@@ -61,7 +88,7 @@ def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
     from trainer.config import Hyperparameters, from_dict
     from trainer.modeling import load_model, torch_dtype
 
-    ckpt = Path(ckpt)
+    ckpt = checkpoint_files(Path(ckpt))
     manifest = read_manifest(ckpt)
     hp = from_dict(Hyperparameters, manifest["hyperparameters"])
     plan = FormatPlan(**manifest["format_plan"])

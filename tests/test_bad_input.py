@@ -46,6 +46,7 @@ class Case:
     # Mutates the base experiment (a dict) in place; or None to keep it.
     config: Callable[[dict[str, Any]], Any] | None = None
     raw_yaml: bytes | None = None  # replaces the experiment file entirely
+    yaml_edit: Callable[[str], str] | None = None  # edits the experiment file's text
     data_file: tuple[str, bytes] | None = None  # (file name, content) used as the only source
     data_format: str = "sql-create-context"
     argv: list[str] | None = None  # replaces the default `run <exp> ...` arguments
@@ -70,6 +71,22 @@ CASES = [
     Case("yaml-empty", "is empty", raw_yaml=b""),
     Case("yaml-not-mapping", "must be a mapping, found list", raw_yaml=b"- name: tiny\n"),
     Case("yaml-not-utf8", "is not UTF-8 text", raw_yaml=b"name: t\xe9st\n"),
+    # PyYAML would keep the last value; `det e create` (ruamel) refuses the file: so do we.
+    Case(
+        "yaml-duplicate-key-run",
+        'found duplicate key "learning_rate" with value "0.5" (original value: "0.005")',
+        yaml_edit=lambda t: t.replace(
+            "    learning_rate: 0.005\n", "    learning_rate: 0.005\n    learning_rate: 0.5\n", 1
+        ),
+    ),
+    Case(
+        "yaml-duplicate-key-validate",
+        'found duplicate key "learning_rate"',
+        yaml_edit=lambda t: t.replace(
+            "    learning_rate: 0.005\n", "    learning_rate: 0.005\n    learning_rate: 0.5\n", 1
+        ),
+        argv=["validate", "exp.yaml"],
+    ),
     Case(
         "unknown-hparam-key",
         "unknown key(s) 'lerning_rate'; valid keys: model, method, lora",
@@ -299,7 +316,12 @@ def _run_case(case: Case, root: Path, model: Path) -> Outcome:
             hp(base)["data"]["sources"] = [{"format": case.data_format, "path": str(work / name)}]
         if case.config is not None:
             case.config(base)
-        exp.write_text(yaml.safe_dump(base, sort_keys=False))
+        text = yaml.safe_dump(base, sort_keys=False)
+        if case.yaml_edit is not None:
+            edited = case.yaml_edit(text)
+            assert edited != text, f"{case.id}: yaml_edit changed nothing"
+            text = edited
+        exp.write_text(text)
     # A run folder that already exists for this experiment name: must stay untouched.
     runs = work / "runs"
     trial = runs / "tiny" / "trial-1"

@@ -309,8 +309,9 @@ def test_context_directory_fits_and_carries_the_trial() -> None:
 
 
 HOOK = REPO_ROOT / "startup-hook.sh"
-# Stands in for the image's python3: pip and `import torch` are recorded/faked, everything
-# else (the hook's Python snippet reading pyproject.toml) runs on the real interpreter.
+# Stands in for the image's python3: pip and the installed torch's version are recorded/faked,
+# everything else (the hook's Python snippets reading pyproject.toml and the installed
+# packages) runs on a bare interpreter, an image that has none of the pins.
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
     echo "pip ${*:3}" >>"$HOOK_LOG"
@@ -319,7 +320,7 @@ if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
     done
     exit 0
 fi
-if [ "$1" = "-c" ] && [[ "$2" == *"import torch"* ]]; then
+if [ "$1" = "-c" ] && [[ "$2" == *'version("torch")'* ]]; then
     [ -n "$FAKE_TORCH" ] && echo "$FAKE_TORCH" && exit 0
     exit 1
 fi
@@ -330,7 +331,8 @@ exec "$REAL_PYTHON" "$@"
 def _run_hook(tmp_path: Path, torch_version: str) -> tuple[int, str, str]:
     import os
     import subprocess
-    import sys
+
+    from tests.test_cpu_job_container import bare_python
 
     fake = tmp_path / "python3"
     fake.write_text(FAKE_PYTHON)
@@ -338,7 +340,7 @@ def _run_hook(tmp_path: Path, torch_version: str) -> tuple[int, str, str]:
     log = tmp_path / "hook.log"
     env = {
         **os.environ, "DET_PYTHON_EXECUTABLE": str(fake), "HOOK_LOG": str(log),
-        "FAKE_TORCH": torch_version, "REAL_PYTHON": sys.executable,
+        "FAKE_TORCH": torch_version, "REAL_PYTHON": bare_python(),
         # No nvidia-smi: a CPU container.
         "PATH": os.pathsep.join(["/usr/bin", "/bin"]),
     }

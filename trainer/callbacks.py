@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from trainer.run_store import TrialDir
 log = logging.getLogger(__name__)
 
 SPEED_SUFFIXES = ("_runtime", "_per_second", "_compilation_time")
+LIVE_RUN_KEY = "text2sql.live_run_key"
 
 
 def split_metrics(logs: dict[str, Any]) -> tuple[str, dict[str, float]]:
@@ -103,11 +105,16 @@ class MlflowLiveLogger:
         self.experiment_name = experiment_name
         self.run_id = run_id
         self.run_name = run_name
-        self.tags = tags or {}
+        self.tags = dict(tags or {})
         self.params = params or {}
         self.buffer: list[tuple[str, float, int, int]] = []
         self._warned = False
         self._client: Any = None
+        # The run is found by this tag if a create_run's reply was lost (the server made the
+        # run, we saw an error): retrying the create would make a second run.
+        self._key = uuid.uuid4().hex
+        self.tags[LIVE_RUN_KEY] = self._key
+        self._create_attempted = False
 
     def _ensure_run(self) -> None:
         import mlflow
@@ -128,7 +135,15 @@ class MlflowLiveLogger:
                     self.experiment_name, artifact_location=artifact_location(self.tracking_uri)
                 )
             )
-            run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+            run = None
+            if self._create_attempted:
+                found = self._client.search_runs(
+                    [exp_id], filter_string=f"tags.`{LIVE_RUN_KEY}` = '{self._key}'", max_results=1
+                )
+                run = found[0] if found else None
+            if run is None:
+                self._create_attempted = True
+                run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
             self.run_id = run.info.run_id
             if self.params:
                 from mlflow.entities import Param
@@ -296,12 +311,25 @@ def fixed_det_callback_class() -> type:
        ``resume_from_checkpoint`` and the entrypoint passes it on.
     3. `load_last_checkpoint` reads ``args.overwrite_output_dir``, which transformers 5 removed:
        every trial resuming from a checkpoint died with ``AttributeError``. Overridden.
+    4. `on_save` uploads with ``shard=True`` and a selector on every rank. Ranks on one node
+       share ``output_dir``, so each lists the same files, Determined sees every file as a
+       conflict and every rank reads each whole file into memory for an MD5
+       (``CheckpointContext._resolve_conflicts``): for DDP TinyLlama, the 8.8 GB
+       ``optimizer.pt`` on every rank at every save. Here exactly one rank per directory (the
+       lowest rank that sees it: same device and inode, Determined's own rule for sharing a
+       directory) uploads the step's files; the others join the sharded upload with nothing.
+       Across nodes with node-local disks each node's lowest rank uploads its own files
+       (DeepSpeed's per-rank ZeRO shards, per-rank RNG states), so the stored checkpoint still
+       holds every shard.
+    5. Preemption is only checked in `on_log` (every ``logging_steps``). We also check it at
+       every step end, so a paused trial saves and exits after its current step.
     """
     from determined.transformers import DetCallback
 
     class FixedDetCallback(DetCallback):  # type: ignore[misc]
         def __init__(self, core_context: Any, args: TrainingArguments, **kwargs: Any) -> None:
             self.required_metrics: list[str] = []
+            self.preempted = False
             super().__init__(core_context, args, **kwargs)
             self.resume_from_checkpoint: str | None = args.resume_from_checkpoint
 
@@ -321,7 +349,58 @@ def fixed_det_callback_class() -> type:
                 self.required_metrics = []
             super()._check_searcher_config(cfg, args)
 
+        def on_step_end(
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            **kwargs: Any,
+        ) -> None:
+            super().on_step_end(args, state, control, **kwargs)
+            # Every rank calls this in step, as should_preempt() requires.
+            if self.core_context.preempt.should_preempt():
+                if not self.preempted:
+                    log.info("preempted at step %d: saving a checkpoint", state.global_step)
+                self.preempted = True
+                control.should_training_stop = True
+
+        def on_save(
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            **kwargs: Any,
+        ) -> None:
+            self.last_save = state.global_step
+            step_dir = f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and self.user_data is not None:
+                self._on_save_user_data(os.path.join(args.output_dir, step_dir))
+            metadata: dict[str, Any] = {"steps_completed": state.global_step}
+            if self.info.task_type == "TRIAL":
+                metadata["trial_id"] = self.info.trial.trial_id
+            checkpoint = self.core_context.checkpoint
+            if checkpoint_uploader(self.core_context.distributed, args.output_dir):
+
+                def selector(path: str) -> bool:
+                    return path.startswith((f"{step_dir}/", "runs/"))
+
+                checkpoint.upload(args.output_dir, metadata=metadata, shard=True, selector=selector)
+            else:
+                checkpoint.upload(None, metadata=metadata, shard=True)
+
     return FixedDetCallback
+
+
+def checkpoint_uploader(distributed: Any, output_dir: str) -> bool:
+    """True on the one rank that uploads ``output_dir``: the lowest rank that sees the same
+    directory (device and inode). A collective: every rank must call it in step."""
+    try:
+        st = os.stat(output_dir)
+        uid: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except FileNotFoundError:  # this rank wrote nothing (no folder): nothing to upload
+        uid = None
+    uids = distributed.allgather(uid)
+    return uid is not None and uids.index(uid) == distributed.rank
 
 
 def configure_quiet_mlflow_http() -> None:

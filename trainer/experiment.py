@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dataset_utils.errors import UserError
 from trainer.config import Hyperparameters, parse_hyperparameters
 
@@ -107,20 +105,44 @@ def _context_dir(path: Path) -> Path:
     return Path.cwd()
 
 
+def load_yaml_as_det(text: str) -> Any:
+    """Parse YAML exactly as the ``det`` CLI parses an experiment file and ``--config`` values
+    (``determined.common.util.yaml_safe_load``: ruamel.yaml, safe, YAML 1.2). PyYAML differs: it
+    keeps the last of two duplicated keys (ruamel refuses the file), reads ``1e-3`` as a
+    string and ``yes`` as true. What `text2sql run` / `validate` accept, `det e create` does."""
+    from determined.common import util, yaml
+
+    try:
+        return util.yaml_safe_load(text)
+    except (yaml.error.YAMLError, yaml.error.YAMLWarning) as e:
+        raise YamlError(e) from None
+
+
+class YamlError(ValueError):
+    """A YAML syntax error (or duplicated key), with ruamel's marks."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        self.problem_mark = getattr(error, "problem_mark", None)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"experiment file {path} does not exist")
     if path.is_dir():
         raise UserError(f"experiment file {path} is a directory; give a .yaml file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_as_det(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"experiment file {path} is not UTF-8 text") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+    except YamlError as e:
+        mark = e.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"experiment file {path} is not valid YAML{where}: {problem}") from None
+        raise UserError(
+            f"experiment file {path} is not valid YAML{where}: {e.problem} (`det e create` "
+            "refuses it too)"
+        ) from None
     if data is None:
         raise UserError(f"experiment file {path} is empty")
     if not isinstance(data, dict):
@@ -136,8 +158,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
         raise UserError(f"--set {item!r}: invalid key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml_as_det(raw) if raw.strip() else ""
+    except YamlError:  # not YAML: the literal text, as a string
         value = raw
     return key.split("."), value
 

@@ -54,6 +54,9 @@ class RunEnv:
     is_chief: bool = True
     progress: bool = True
     searcher_metric: str | None = None
+    # Polled between the loading steps (on a cluster: the master's preemption signal); training
+    # steps are the callbacks' business (FixedDetCallback, LocalRunCallback).
+    should_stop: Callable[[], bool] = lambda: False
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +231,8 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
     set_seed(int(hp.training_args.get("seed", 42)))
     tokenizer = load_tokenizer(hp.model)
     data = build_datasets(hp, tokenizer)
+    if env.should_stop():
+        return _stopped_before_training(env, data.report, "after preparing the data")
     if env.is_chief:
         r = data.report
         log.info(
@@ -245,6 +250,8 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
     # TrainingArguments first: with a ZeRO-3 config they switch on sharded model loading.
     args = build_training_args(hp, env)
     model = build_model(hp, tokenizer)
+    if env.should_stop():
+        return _stopped_before_training(env, data.report, "after loading the model")
     trainable, total = count_parameters(model)
     if env.is_chief:
         log.info(
@@ -291,6 +298,18 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
         "world_size": getattr(trainer.args, "world_size", 1),
         "engine": type(getattr(trainer, "model_wrapped", trainer)).__name__,
     }
+
+
+def _stopped_before_training(env: RunEnv, report: dict[str, Any], when: str) -> dict[str, Any]:
+    """Preempted (paused) before the first step: nothing new to save; the next run resumes from
+    the checkpoint this one started from, if any."""
+    log.info("preempted %s, before training: exiting without a new checkpoint", when)
+    step = 0
+    if env.resume_from_checkpoint is not None:
+        state = Path(env.resume_from_checkpoint) / "trainer_state.json"
+        if state.is_file():
+            step = int(json.loads(state.read_text()).get("global_step", 0))
+    return {"global_step": step, "losses": [], "data": report, "preempted": True}
 
 
 def prepare(hp: Hyperparameters, *, deepspeed: str | None = None) -> dict[str, Any]:
@@ -440,46 +459,38 @@ def setup_logging(is_chief: bool) -> None:
     transformers.utils.logging.set_verbosity_warning()
 
 
-def _launcher_wants_deepspeed(config: dict[str, Any], hp: Hyperparameters) -> bool:
-    entry = config.get("entrypoint") or ""
-    entry = " ".join(entry) if isinstance(entry, list) else str(entry)
-    return "determined.launch.deepspeed" in entry or bool(hp.training_args.get("deepspeed"))
-
-
 # --------------------------------------------------------------------------------------------
 # Cluster wiring.
 
 
 def run_on_cluster(info: Any) -> dict[str, Any]:
     """On a Determined cluster: Core API context + (fixed) DetCallback."""
-    import determined as det
-
     from trainer.callbacks import fixed_det_callback_class
+    from trainer.det_wiring import core_init, distributed_context
 
     hp = parse_hyperparameters(info.trial.hparams)
     config = info.trial._config
-    deepspeed = _launcher_wants_deepspeed(config, hp)
-    if deepspeed:
-        distributed = det.core.DistributedContext.from_deepspeed()
-    elif "RANK" in os.environ:
-        distributed = det.core.DistributedContext.from_torch_distributed()
-    else:  # a single process started without a launcher (the CPU configuration)
-        distributed = det.core.DummyDistributedContext()
-    setup_logging(distributed.rank == 0)
+    distributed = distributed_context()
+    rank = distributed.rank if distributed is not None else 0
+    setup_logging(rank == 0)
     output_dir = hp.training_args.get("output_dir") or "/tmp/text2sql-output"
     env = RunEnv(
         output_dir=output_dir,
         deepspeed=hp.training_args.get("deepspeed"),
         experiment_config=config,
-        is_chief=distributed.rank == 0,
+        is_chief=rank == 0,
         progress=False,
         searcher_metric=config.get("searcher", {}).get("metric"),
     )
-    # MANUAL: the default (AUTO) imports tensorboard for a metric writer, which neither this
-    # project nor the task images install (every trial died before its first step).
-    with det.core.init(
-        distributed=distributed, tensorboard_mode=det.core.TensorboardMode.MANUAL
-    ) as core_context:
+    with core_init(distributed) as core_context:
+        # A pause (or a higher-priority job) may arrive while the container installs, the data
+        # is tokenized or the model downloads: `main` checks between those steps, and
+        # FixedDetCallback at every training step. The check reads the flag a background
+        # long-poll keeps current (plus, with several ranks, one broadcast from the chief).
+        env.should_stop = core_context.preempt.should_preempt
+        if env.should_stop():
+            log.info("preempted before loading anything: exiting without a checkpoint")
+            return {"global_step": info.trial._steps_completed, "preempted": True}
         args = build_training_args(hp, env)
         det_cb = fixed_det_callback_class()(core_context, args)
         env.callbacks.append(det_cb)
@@ -490,7 +501,6 @@ def run_on_cluster(info: Any) -> dict[str, Any]:
 
 def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]:
     """Off-cluster: Core API local context, run store, SIGTERM preemption, live MLflow."""
-    import determined as det
     import yaml
 
     from trainer.callbacks import (
@@ -499,21 +509,14 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
         PreemptionWatcher,
         configure_quiet_mlflow_http,
     )
+    from trainer.det_wiring import core_init, distributed_context
     from trainer.run_store import TrialDir
 
     trial = TrialDir(trial_dir)
     config = yaml.safe_load((trial.experiment_dir / "experiment.yaml").read_text())
     hp = parse_hyperparameters(config.get("hyperparameters") or {})
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    deepspeed = _launcher_wants_deepspeed(config, hp)
-    distributed = None
-    if world > 1:
-        distributed = (
-            det.core.DistributedContext.from_deepspeed()
-            if deepspeed and "LOCAL_SIZE" in os.environ
-            else det.core.DistributedContext.from_torch_distributed()
-        )
-    rank = int(os.environ.get("RANK", "0"))
+    distributed = distributed_context()
+    rank = distributed.rank if distributed is not None else 0
     is_chief = rank == 0
     setup_logging(is_chief)
     searcher = config.get("searcher") or {}
@@ -548,15 +551,13 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
     env = RunEnv(
         output_dir=str(trial.hf_output_dir),
         resume_from_checkpoint=resume,
-        deepspeed=hp.training_args.get("deepspeed") if deepspeed else None,
+        deepspeed=hp.training_args.get("deepspeed"),
         experiment_config=config,
         is_chief=is_chief,
         progress=progress and is_chief,
         searcher_metric=metric,
     )
-    with det.core.init(
-        distributed=distributed, checkpoint_storage=str(trial.checkpoints_dir)
-    ) as core_context:
+    with core_init(distributed, checkpoint_storage=str(trial.checkpoints_dir)) as core_context:
         env.callbacks.append(
             LocalRunCallback(
                 trial,

