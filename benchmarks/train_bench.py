@@ -211,7 +211,8 @@ def batch_stats(recipe: str, rows: list[dict[str, Any]]) -> dict[str, int]:
             "truncated": 0,
             "answer_lost": 0,
         }
-    # (c): rows sharing a prefix are one sequence: the prefix once, then each row's own tokens.
+    # (c): rows sharing a prefix share one copy of it, then each row's own tokens ("positions"
+    # is replaced by what the collator builds, in `run_worker`).
     groups: dict[tuple[int, ...], list[int]] = {}
     for r in rows:
         p = int(r["prefix_len"])
@@ -369,6 +370,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     step_s = [b - a for a, b in zip(timer.marks, timer.marks[1:], strict=False)]
     timed = step_s[warmup:]
     stats = [batch_stats(recipe, b) for b in batches[warmup:]]
+    if recipe == "c":
+        # Positions as the trainer's collator lays the batch out (padding included, if any).
+        for st, b in zip(stats, batches[warmup:], strict=True):
+            st["positions"] = int(collator(b)["input_ids"].numel())
     total = {k: sum(s[k] for s in stats) for k in stats[0]}
     flops = _flops_per_token(model, method)
     model_flops = (
@@ -458,9 +463,9 @@ def markdown(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
 
 def memory_markdown(mem: list[dict[str, Any]]) -> str:
     out = [
-        "| memory point: (c) LoRA, batch of 8 | tokens (examples) | computed | peak RSS GB "
-        "| <= 8 GB | step s |",
-        "|---|---:|---:|---:|---|---:|",
+        "| memory point: (c) LoRA, batch of 8 | schemas | tokens (examples) | computed "
+        "| peak RSS GB | <= 8 GB | step s | computed tok/s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in mem:
         if "error" in r:
@@ -468,9 +473,48 @@ def memory_markdown(mem: list[dict[str, Any]]) -> str:
             continue
         ok = "yes" if r["peak_rss_gb"] <= RSS_LIMIT_GB else "**NO**"
         out.append(
-            f"| {r['label']} (longest row {r['longest_row']}) | {r['tokens']['useful_tokens']} "
-            f"| {r['tokens']['computed_tokens']} | {r['peak_rss_gb']:.2f} | {ok} "
-            f"| {r['mean_step_s']:.1f} |"
+            f"| {r['label']} (longest row {r['longest_row']}) | {r['schemas']} "
+            f"| {r['tokens']['useful_tokens']} | {r['tokens']['computed_tokens']} "
+            f"| {r['peak_rss_gb']:.2f} | {ok} | {r['mean_step_s']:.1f} "
+            f"| {r['computed_tokens_per_s']:.0f} |"
+        )
+    ok = {r["label"]: r for r in mem if "error" not in r}
+    if {"longest-8", "longest-8-distinct"} <= ok.keys():
+        ratio = (
+            ok["longest-8-distinct"]["computed_tokens_per_s"]
+            / ok["longest-8"]["computed_tokens_per_s"]
+        )
+        out.append(
+            f"\nPer computed token, distinct schemas run at {100 * ratio:.0f}% of the shared "
+            "schema's speed."
+        )
+    return "\n".join(out) + "\n"
+
+
+def scaling_markdown(scaling: list[dict[str, Any]]) -> str:
+    out = [
+        "| batch scaling: (c) LoRA, the same rows | batch | steps | step s | s / example "
+        "| computed tokens / step |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in scaling:
+        if "error" in r:
+            out.append(f"| {r['label']} | ERROR {r['error'].splitlines()[-1][:80]} |")
+            continue
+        per = r["mean_step_s"] / r["batch_size"]
+        out.append(
+            f"| {r['label']} | {r['batch_size']} | {r['steps']} | {r['mean_step_s']:.2f} "
+            f"| {per:.3f} | {r['tokens']['computed_tokens'] / r['steps']:.0f} |"
+        )
+    ok = [r for r in scaling if "error" not in r]
+    if len(ok) == 2:
+        small, big = sorted(ok, key=lambda r: r["batch_size"])
+        ratio = (big["mean_step_s"] / big["batch_size"]) / (
+            small["mean_step_s"] / small["batch_size"]
+        )
+        out.append(
+            f"\nPer example, batch {big['batch_size']} costs {ratio:.2f}x batch "
+            f"{small['batch_size']}."
         )
     return "\n".join(out) + "\n"
 
@@ -516,6 +560,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="batch selection seed (default 42)")
     p.add_argument("--methods", default="lora,full", help="comma list of lora,full")
     p.add_argument(
+        "--recipes",
+        default="a,b,c",
+        help="comma list of the recipes to time, a,b,c (default all; empty: none, e.g. to run "
+        "only the memory points or --batch-scaling)",
+    )
+    p.add_argument(
+        "--memory-steps",
+        type=int,
+        default=1,
+        help="timed steps per memory point, after --memory-warmup (default 1)",
+    )
+    p.add_argument(
+        "--memory-warmup",
+        type=int,
+        default=0,
+        help="untimed steps per memory point on the same batch first (default 0)",
+    )
+    p.add_argument(
+        "--no-memory", action="store_true", help="skip the memory points (longest-8 ...)"
+    )
+    p.add_argument(
+        "--batch-scaling",
+        type=int,
+        default=None,
+        metavar="B",
+        help="also time (c) LoRA on the same rows as batches of B (chosen by the project's "
+        "sampler) and as each of them cut in two, and report seconds per example",
+    )
+    p.add_argument(
         "--spider",
         type=Path,
         default=None,
@@ -548,6 +621,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not methods or any(m not in METHODS for m in methods):
         p.error(f"--methods: choose from {', '.join(METHODS)}")
     ns.methods = methods
+    recipes = [r.strip() for r in ns.recipes.split(",") if r.strip()]
+    if any(r not in RECIPES for r in recipes):
+        p.error(f"--recipes: choose from {', '.join(RECIPES)}")
+    ns.recipes = recipes
+    if ns.memory_steps <= 0 or ns.memory_warmup < 0:
+        p.error("--memory-steps must be positive, --memory-warmup >= 0")
+    if ns.batch_scaling is not None and (ns.batch_scaling < 2 or ns.batch_scaling % 2):
+        p.error("--batch-scaling: an even batch size >= 2")
     if ns.steps <= 0 or ns.warmup < 0 or ns.batch_size <= 0:
         p.error("--steps and --batch-size must be positive, --warmup >= 0")
     return ns
@@ -594,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         results: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
             for method in ns.methods:
-                for recipe in RECIPES:
+                for recipe in ns.recipes:
                     label = f"{recipe}-{method}"
                     print(f"{label}: {RECIPES[recipe]} ...", flush=True)
                     spec = {
@@ -620,8 +701,8 @@ def main(argv: list[str] | None = None) -> int:
             # their schemas). "longest-8-distinct": the longest row of 8 different schemas, so
             # nothing is shared -- the worst batch of 8 this data can produce.
             by_len = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-            mem_sets = {"longest-8": by_len[: ns.batch_size]}
-            if not ns.quick:
+            mem_sets = {} if ns.no_memory else {"longest-8": by_len[: ns.batch_size]}
+            if not ns.quick and not ns.no_memory:
                 seen: set[str] = set()
                 distinct = []
                 for i in by_len:
@@ -636,9 +717,9 @@ def main(argv: list[str] | None = None) -> int:
                     "recipe": "c",
                     "method": "lora",
                     "label": f"memory-{name}",
-                    "warmup": 0,
+                    "warmup": ns.memory_warmup,
                     "model": ns.model,
-                    "batches": materialize([idx]),
+                    "batches": materialize([idx] * (ns.memory_warmup + ns.memory_steps)),
                 }
                 r = spawn(spec, Path(tmp), timeout_s=ns.timeout)
                 r["label"] = name
@@ -647,6 +728,32 @@ def main(argv: list[str] | None = None) -> int:
                 memory.append(r)
                 if "error" not in r:
                     print(f"  peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+            # Batch scaling: the same rows as batches of B (the project's sampler) and as
+            # each of those cut in two (rows of one schema stay together: the sampler's
+            # batches are grouped by schema).
+            scaling: list[dict[str, Any]] = []
+            if ns.batch_scaling:
+                big = choose_batches(rows, ns.batch_scaling, ns.warmup, ns.steps, ns.seed + 1)["c"]
+                half = ns.batch_scaling // 2
+                small = [part for b in big for part in (b[:half], b[half:])]
+                for size, batches, warm in (
+                    (half, small, 2 * ns.warmup),
+                    (ns.batch_scaling, big, ns.warmup),
+                ):
+                    print(f"batch scaling: (c) LoRA, batches of {size} ...", flush=True)
+                    spec = {
+                        "recipe": "c",
+                        "method": "lora",
+                        "label": f"scaling-{size}",
+                        "warmup": warm,
+                        "model": ns.model,
+                        "batches": materialize(batches),
+                    }
+                    r = spawn(spec, Path(tmp), timeout_s=ns.timeout)
+                    r["label"] = f"batches of {size}"
+                    scaling.append(r)
+                    if "error" not in r:
+                        print(f"  {r['mean_step_s']:.2f} s/step", flush=True)
         peaks_after = {"float32": matmul_peak("float32", 2048, 1.0)}
         peaks["float32"] = max(peaks["float32"], peaks_after["float32"])
     except UserError as e:
@@ -676,10 +783,12 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "results": results,
         "memory": memory,
+        "batch_scaling": scaling,
         "ratios": ratios(results),
     }
     table = markdown(results, peaks)
-    mem_table = memory_markdown(memory)
+    mem_table = memory_markdown(memory) if memory else ""
+    scaling_table = scaling_markdown(scaling) if scaling else ""
     truncated_total = sum(1 for r in rows if len(r["input_ids"]) > FIXED_LENGTH)
     notes = [
         f"Matmul peak (torch.matmul, square): fp32 {peaks['float32']:.1f} GFLOP/s, "
@@ -706,6 +815,8 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
         + mem_table
         + "\n"
+        + scaling_table
+        + ("\n" if scaling_table else "")
         + "\n".join(f"- {x}" for x in summary["ratios"])
         + "\n"
     )
@@ -716,10 +827,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print(mem_table)
+    if scaling_table:
+        print(scaling_table)
     print(f"written: {ns.out / 'results.json'}, {ns.out / 'results.md'} ({env['wall_s']:.0f} s)")
     for line in summary["ratios"]:
         print(line)
-    return 0 if all("error" not in r for r in results + memory) else 1
+    return 0 if all("error" not in r for r in results + memory + scaling) else 1
 
 
 if __name__ == "__main__":
