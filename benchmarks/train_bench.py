@@ -274,6 +274,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from trainer.modeling import apply_adapter, load_model, load_tokenizer, peft_config
 
     recipe, method = spec["recipe"], spec["method"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     batches: list[list[dict[str, Any]]] = spec["batches"]
     warmup, bs = spec["warmup"], len(batches[0])
     out_dir = tempfile.mkdtemp(prefix="train-bench-")
@@ -344,12 +346,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.marks: list[float] = []
+            self.cpu_marks: list[float] = []  # this process's CPU time (all its threads)
 
         def on_train_begin(self, *a: Any, **k: Any) -> None:
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
 
     rows = [r for b in batches for r in b]
     dataset = datasets.Dataset.from_list(rows)
@@ -369,6 +374,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(out_dir, ignore_errors=True)
     step_s = [b - a for a, b in zip(timer.marks, timer.marks[1:], strict=False)]
     timed = step_s[warmup:]
+    cpu_s = [b - a for a, b in zip(timer.cpu_marks, timer.cpu_marks[1:], strict=False)][warmup:]
     stats = [batch_stats(recipe, b) for b in batches[warmup:]]
     if recipe == "c":
         # Positions as the trainer's collator lays the batch out (padding included, if any).
@@ -395,6 +401,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "batch_size": bs,
         "step_s": timed,
         "mean_step_s": seconds / len(timed),
+        # CPU seconds per step: on a shared machine, with --threads 1, a load-independent
+        # measure of the work done (wall time there mostly measures the other processes).
+        "cpu_step_s": cpu_s,
+        "mean_cpu_step_s": sum(cpu_s) / len(cpu_s),
+        "threads": torch.get_num_threads(),
         "train_loss": result.training_loss,
         "tokens": total,
         "useful_tokens_per_s": total["useful_tokens"] / seconds,
@@ -408,6 +419,95 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
+
+
+def run_experiment_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """A few steps of a real experiment's job, built by the trainer's own code from its YAML:
+    its data (train split, tokenized, from the cache), model, collator, sampler and trainer."""
+    import torch
+    from transformers import TrainerCallback
+
+    from trainer.experiment import load_experiment
+    from trainer.finetune import (
+        RunEnv,
+        build_datasets,
+        build_model,
+        build_trainer,
+        build_training_args,
+    )
+    from trainer.modeling import load_tokenizer
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    warmup, steps = spec["warmup"], spec["steps"]
+    hp = load_experiment(spec["experiment"], schema=False).hparams
+    hp.training_args.update(
+        max_steps=warmup + steps,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10**6,
+        report_to="none",
+    )
+    out_dir = tempfile.mkdtemp(prefix="train-bench-exp-")
+    env = RunEnv(output_dir=out_dir, progress=False)
+    tok = load_tokenizer(hp.model)
+    data = build_datasets(hp, tok)
+    args = build_training_args(hp, env)
+    model = build_model(hp, tok)
+
+    marks: list[tuple[float, float]] = []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            marks.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            marks.append((time.perf_counter(), time.process_time()))
+
+    env.callbacks.append(StepTimer())
+    trainer = build_trainer(hp, model, tok, data, args, env)
+    collate = trainer.data_collator
+    shapes: list[tuple[int, int]] = []
+
+    def recording(rows: Any) -> Any:
+        batch = collate(rows)
+        shapes.append((len(rows), int(batch["input_ids"].numel())))
+        return batch
+
+    trainer.data_collator = recording
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    wall = [b[0] - a[0] for a, b in zip(marks, marks[1:], strict=False)][warmup:]
+    cpu = [b[1] - a[1] for a, b in zip(marks, marks[1:], strict=False)][warmup:]
+    timed = shapes[warmup : warmup + steps]
+    return {
+        "label": spec["label"],
+        "experiment": str(spec["experiment"]),
+        "steps": len(wall),
+        "warmup_steps": warmup,
+        "threads": torch.get_num_threads(),
+        "step_s": wall,
+        "cpu_step_s": cpu,
+        "mean_step_s": sum(wall) / len(wall),
+        "mean_cpu_step_s": sum(cpu) / len(cpu),
+        "rows": sum(r for r, _ in timed),
+        "positions": sum(n for _, n in timed),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+
+
+def experiment_markdown(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"{r['label']}: ERROR {r['error'].splitlines()[-1][:120]}\n"
+    return (
+        f"| experiment job: {r['experiment']} | steps | rows | positions | step s | CPU s/step "
+        "| peak RSS GB |\n|---|---:|---:|---:|---:|---:|---:|\n"
+        f"| {r['threads']} thread(s), after {r['warmup_steps']} warm-up steps | {r['steps']} "
+        f"| {r['rows']} | {r['positions']} | {r['mean_step_s']:.2f} "
+        f"| {r['mean_cpu_step_s']:.2f} | {r['peak_rss_gb']:.2f} |\n"
+    )
 
 
 def spawn(spec: dict[str, Any], workdir: Path, timeout_s: float) -> dict[str, Any]:
@@ -464,8 +564,8 @@ def markdown(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
 def memory_markdown(mem: list[dict[str, Any]]) -> str:
     out = [
         "| memory point: (c) LoRA, batch of 8 | schemas | tokens (examples) | computed "
-        "| peak RSS GB | <= 8 GB | step s | computed tok/s |",
-        "|---|---:|---:|---:|---:|---|---:|---:|",
+        "| peak RSS GB | <= 8 GB | step s | computed tok/s | CPU s/step | computed tok/CPU s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in mem:
         if "error" in r:
@@ -476,26 +576,30 @@ def memory_markdown(mem: list[dict[str, Any]]) -> str:
             f"| {r['label']} (longest row {r['longest_row']}) | {r['schemas']} "
             f"| {r['tokens']['useful_tokens']} | {r['tokens']['computed_tokens']} "
             f"| {r['peak_rss_gb']:.2f} | {ok} | {r['mean_step_s']:.1f} "
-            f"| {r['computed_tokens_per_s']:.0f} |"
+            f"| {r['computed_tokens_per_s']:.0f} | {r['mean_cpu_step_s']:.1f} "
+            f"| {_per_cpu_s(r):.0f} |"
         )
     ok = {r["label"]: r for r in mem if "error" not in r}
     if {"longest-8", "longest-8-distinct"} <= ok.keys():
-        ratio = (
-            ok["longest-8-distinct"]["computed_tokens_per_s"]
-            / ok["longest-8"]["computed_tokens_per_s"]
-        )
+        d, sh = ok["longest-8-distinct"], ok["longest-8"]
+        wall = d["computed_tokens_per_s"] / sh["computed_tokens_per_s"]
+        cpu = _per_cpu_s(d) / _per_cpu_s(sh)
         out.append(
-            f"\nPer computed token, distinct schemas run at {100 * ratio:.0f}% of the shared "
-            "schema's speed."
+            f"\nPer computed token, distinct schemas run at {100 * wall:.0f}% of the shared "
+            f"schema's speed (wall time; {100 * cpu:.0f}% by CPU time)."
         )
     return "\n".join(out) + "\n"
+
+
+def _per_cpu_s(r: dict[str, Any]) -> float:
+    return r["tokens"]["computed_tokens"] / (r["mean_cpu_step_s"] * r["steps"])
 
 
 def scaling_markdown(scaling: list[dict[str, Any]]) -> str:
     out = [
         "| batch scaling: (c) LoRA, the same rows | batch | steps | step s | s / example "
-        "| computed tokens / step |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| CPU s / example | computed tokens / step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in scaling:
         if "error" in r:
@@ -504,7 +608,8 @@ def scaling_markdown(scaling: list[dict[str, Any]]) -> str:
         per = r["mean_step_s"] / r["batch_size"]
         out.append(
             f"| {r['label']} | {r['batch_size']} | {r['steps']} | {r['mean_step_s']:.2f} "
-            f"| {per:.3f} | {r['tokens']['computed_tokens'] / r['steps']:.0f} |"
+            f"| {per:.3f} | {r['mean_cpu_step_s'] / r['batch_size']:.3f} "
+            f"| {r['tokens']['computed_tokens'] / r['steps']:.0f} |"
         )
     ok = [r for r in scaling if "error" not in r]
     if len(ok) == 2:
@@ -512,9 +617,12 @@ def scaling_markdown(scaling: list[dict[str, Any]]) -> str:
         ratio = (big["mean_step_s"] / big["batch_size"]) / (
             small["mean_step_s"] / small["batch_size"]
         )
+        cpu = (big["mean_cpu_step_s"] / big["batch_size"]) / (
+            small["mean_cpu_step_s"] / small["batch_size"]
+        )
         out.append(
             f"\nPer example, batch {big['batch_size']} costs {ratio:.2f}x batch "
-            f"{small['batch_size']}."
+            f"{small['batch_size']} (wall time; {cpu:.2f}x by CPU time)."
         )
     return "\n".join(out) + "\n"
 
@@ -581,12 +689,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-memory", action="store_true", help="skip the memory points (longest-8 ...)"
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per configuration (default: torch's); 1 with the CPU-time columns "
+        "gives figures a busy machine does not distort",
+    )
+    p.add_argument(
         "--batch-scaling",
         type=int,
         default=None,
         metavar="B",
         help="also time (c) LoRA on the same rows as batches of B (chosen by the project's "
         "sampler) and as each of them cut in two, and report seconds per example",
+    )
+    p.add_argument(
+        "--experiment",
+        type=Path,
+        default=None,
+        metavar="YAML",
+        help="also time --warmup + --steps steps of this experiment's own job (its data, "
+        "model, sampler and settings, built by trainer.finetune), e.g. "
+        "experiments/smollm2-135m-lora-cpu.yaml",
     )
     p.add_argument(
         "--spider",
@@ -638,7 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     if ns.worker:
         spec = json.loads(Path(ns.worker[0]).read_text())
-        Path(ns.worker[1]).write_text(json.dumps(run_worker(spec)))
+        run = run_experiment_worker if "experiment" in spec else run_worker
+        Path(ns.worker[1]).write_text(json.dumps(run(spec)))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
@@ -684,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
                         "label": label,
                         "warmup": ns.warmup,
                         "model": ns.model,
+                        "threads": ns.threads,
                         "batches": materialize(plan[recipe]),
                     }
                     r = spawn(spec, Path(tmp), timeout_s=ns.timeout)
@@ -719,6 +845,7 @@ def main(argv: list[str] | None = None) -> int:
                     "label": f"memory-{name}",
                     "warmup": ns.memory_warmup,
                     "model": ns.model,
+                    "threads": ns.threads,
                     "batches": materialize([idx] * (ns.memory_warmup + ns.memory_steps)),
                 }
                 r = spawn(spec, Path(tmp), timeout_s=ns.timeout)
@@ -747,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
                         "label": f"scaling-{size}",
                         "warmup": warm,
                         "model": ns.model,
+                        "threads": ns.threads,
                         "batches": materialize(batches),
                     }
                     r = spawn(spec, Path(tmp), timeout_s=ns.timeout)
@@ -754,6 +882,19 @@ def main(argv: list[str] | None = None) -> int:
                     scaling.append(r)
                     if "error" not in r:
                         print(f"  {r['mean_step_s']:.2f} s/step", flush=True)
+            experiment: dict[str, Any] | None = None
+            if ns.experiment is not None:
+                print(f"experiment job {ns.experiment} ...", flush=True)
+                spec = {
+                    "label": "experiment",
+                    "experiment": str(ns.experiment.resolve()),
+                    "warmup": ns.warmup,
+                    "steps": ns.steps,
+                    "threads": ns.threads,
+                }
+                experiment = spawn(spec, Path(tmp), timeout_s=ns.timeout)
+                if "error" not in experiment:
+                    print(f"  {experiment['mean_step_s']:.2f} s/step", flush=True)
         peaks_after = {"float32": matmul_peak("float32", 2048, 1.0)}
         peaks["float32"] = max(peaks["float32"], peaks_after["float32"])
     except UserError as e:
@@ -784,11 +925,14 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "memory": memory,
         "batch_scaling": scaling,
+        "experiment": experiment,
         "ratios": ratios(results),
     }
     table = markdown(results, peaks)
     mem_table = memory_markdown(memory) if memory else ""
     scaling_table = scaling_markdown(scaling) if scaling else ""
+    if experiment is not None:
+        scaling_table += ("\n" if scaling_table else "") + experiment_markdown(experiment)
     truncated_total = sum(1 for r in rows if len(r["input_ids"]) > FIXED_LENGTH)
     notes = [
         f"Matmul peak (torch.matmul, square): fp32 {peaks['float32']:.1f} GFLOP/s, "
@@ -832,7 +976,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"written: {ns.out / 'results.json'}, {ns.out / 'results.md'} ({env['wall_s']:.0f} s)")
     for line in summary["ratios"]:
         print(line)
-    return 0 if all("error" not in r for r in results + memory + scaling) else 1
+    done = results + memory + scaling + ([experiment] if experiment else [])
+    return 0 if all("error" not in r for r in done) else 1
 
 
 if __name__ == "__main__":
