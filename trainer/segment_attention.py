@@ -90,7 +90,12 @@ class Segments:
         if key not in self._block_masks:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            doc, blk = (t.to(device) for t in self.token_ids())
+            doc, blk = self.token_ids()
+            # Padded to whole 128-token tiles: a kernel may evaluate the mask for indices past
+            # the last token of a partial tile (they are masked out; the reads stay in bounds).
+            pad = -self.length % 128
+            doc = F.pad(doc, (0, pad), value=-1).to(device)
+            blk = F.pad(blk, (0, pad), value=-1).to(device)
 
             def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
                 return _allowed(q, kv, doc, blk)
