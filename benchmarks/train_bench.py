@@ -211,7 +211,8 @@ def batch_stats(recipe: str, rows: list[dict[str, Any]]) -> dict[str, int]:
             "truncated": 0,
             "answer_lost": 0,
         }
-    # (c): rows sharing a prefix are one sequence: the prefix once, then each row's own tokens.
+    # (c): rows sharing a prefix share one copy of it, then each row's own tokens ("positions"
+    # is replaced by what the collator builds, in `run_worker`).
     groups: dict[tuple[int, ...], list[int]] = {}
     for r in rows:
         p = int(r["prefix_len"])
@@ -273,6 +274,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from trainer.modeling import apply_adapter, load_model, load_tokenizer, peft_config
 
     recipe, method = spec["recipe"], spec["method"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     batches: list[list[dict[str, Any]]] = spec["batches"]
     warmup, bs = spec["warmup"], len(batches[0])
     out_dir = tempfile.mkdtemp(prefix="train-bench-")
@@ -343,12 +346,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.marks: list[float] = []
+            self.cpu_marks: list[float] = []  # this process's CPU time (all its threads)
 
         def on_train_begin(self, *a: Any, **k: Any) -> None:
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
 
     rows = [r for b in batches for r in b]
     dataset = datasets.Dataset.from_list(rows)
@@ -368,7 +374,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(out_dir, ignore_errors=True)
     step_s = [b - a for a, b in zip(timer.marks, timer.marks[1:], strict=False)]
     timed = step_s[warmup:]
+    cpu_s = [b - a for a, b in zip(timer.cpu_marks, timer.cpu_marks[1:], strict=False)][warmup:]
     stats = [batch_stats(recipe, b) for b in batches[warmup:]]
+    if recipe == "c":
+        # Positions as the trainer's collator lays the batch out (padding included, if any).
+        for st, b in zip(stats, batches[warmup:], strict=True):
+            st["positions"] = int(collator(b)["input_ids"].numel())
     total = {k: sum(s[k] for s in stats) for k in stats[0]}
     flops = _flops_per_token(model, method)
     model_flops = (
@@ -390,6 +401,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "batch_size": bs,
         "step_s": timed,
         "mean_step_s": seconds / len(timed),
+        # CPU seconds per step: on a shared machine, with --threads 1, a load-independent
+        # measure of the work done (wall time there mostly measures the other processes).
+        "cpu_step_s": cpu_s,
+        "mean_cpu_step_s": sum(cpu_s) / len(cpu_s),
+        "threads": torch.get_num_threads(),
         "train_loss": result.training_loss,
         "tokens": total,
         "useful_tokens_per_s": total["useful_tokens"] / seconds,
@@ -403,6 +419,95 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
+
+
+def run_experiment_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """A few steps of a real experiment's job, built by the trainer's own code from its YAML:
+    its data (train split, tokenized, from the cache), model, collator, sampler and trainer."""
+    import torch
+    from transformers import TrainerCallback
+
+    from trainer.experiment import load_experiment
+    from trainer.finetune import (
+        RunEnv,
+        build_datasets,
+        build_model,
+        build_trainer,
+        build_training_args,
+    )
+    from trainer.modeling import load_tokenizer
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    warmup, steps = spec["warmup"], spec["steps"]
+    hp = load_experiment(spec["experiment"], schema=False).hparams
+    hp.training_args.update(
+        max_steps=warmup + steps,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10**6,
+        report_to="none",
+    )
+    out_dir = tempfile.mkdtemp(prefix="train-bench-exp-")
+    env = RunEnv(output_dir=out_dir, progress=False)
+    tok = load_tokenizer(hp.model)
+    data = build_datasets(hp, tok)
+    args = build_training_args(hp, env)
+    model = build_model(hp, tok)
+
+    marks: list[tuple[float, float]] = []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            marks.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            marks.append((time.perf_counter(), time.process_time()))
+
+    env.callbacks.append(StepTimer())
+    trainer = build_trainer(hp, model, tok, data, args, env)
+    collate = trainer.data_collator
+    shapes: list[tuple[int, int]] = []
+
+    def recording(rows: Any) -> Any:
+        batch = collate(rows)
+        shapes.append((len(rows), int(batch["input_ids"].numel())))
+        return batch
+
+    trainer.data_collator = recording
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    wall = [b[0] - a[0] for a, b in zip(marks, marks[1:], strict=False)][warmup:]
+    cpu = [b[1] - a[1] for a, b in zip(marks, marks[1:], strict=False)][warmup:]
+    timed = shapes[warmup : warmup + steps]
+    return {
+        "label": spec["label"],
+        "experiment": str(spec["experiment"]),
+        "steps": len(wall),
+        "warmup_steps": warmup,
+        "threads": torch.get_num_threads(),
+        "step_s": wall,
+        "cpu_step_s": cpu,
+        "mean_step_s": sum(wall) / len(wall),
+        "mean_cpu_step_s": sum(cpu) / len(cpu),
+        "rows": sum(r for r, _ in timed),
+        "positions": sum(n for _, n in timed),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+
+
+def experiment_markdown(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"{r['label']}: ERROR {r['error'].splitlines()[-1][:120]}\n"
+    return (
+        f"| experiment job: {r['experiment']} | steps | rows | positions | step s | CPU s/step "
+        "| peak RSS GB |\n|---|---:|---:|---:|---:|---:|---:|\n"
+        f"| {r['threads']} thread(s), after {r['warmup_steps']} warm-up steps | {r['steps']} "
+        f"| {r['rows']} | {r['positions']} | {r['mean_step_s']:.2f} "
+        f"| {r['mean_cpu_step_s']:.2f} | {r['peak_rss_gb']:.2f} |\n"
+    )
 
 
 def spawn(spec: dict[str, Any], workdir: Path, timeout_s: float) -> dict[str, Any]:
@@ -458,9 +563,9 @@ def markdown(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
 
 def memory_markdown(mem: list[dict[str, Any]]) -> str:
     out = [
-        "| memory point: (c) LoRA, batch of 8 | tokens (examples) | computed | peak RSS GB "
-        "| <= 8 GB | step s |",
-        "|---|---:|---:|---:|---|---:|",
+        "| memory point: (c) LoRA, batch of 8 | schemas | tokens (examples) | computed "
+        "| peak RSS GB | <= 8 GB | step s | computed tok/s | CPU s/step | computed tok/CPU s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in mem:
         if "error" in r:
@@ -468,9 +573,56 @@ def memory_markdown(mem: list[dict[str, Any]]) -> str:
             continue
         ok = "yes" if r["peak_rss_gb"] <= RSS_LIMIT_GB else "**NO**"
         out.append(
-            f"| {r['label']} (longest row {r['longest_row']}) | {r['tokens']['useful_tokens']} "
-            f"| {r['tokens']['computed_tokens']} | {r['peak_rss_gb']:.2f} | {ok} "
-            f"| {r['mean_step_s']:.1f} |"
+            f"| {r['label']} (longest row {r['longest_row']}) | {r['schemas']} "
+            f"| {r['tokens']['useful_tokens']} | {r['tokens']['computed_tokens']} "
+            f"| {r['peak_rss_gb']:.2f} | {ok} | {r['mean_step_s']:.1f} "
+            f"| {r['computed_tokens_per_s']:.0f} | {r['mean_cpu_step_s']:.1f} "
+            f"| {_per_cpu_s(r):.0f} |"
+        )
+    ok = {r["label"]: r for r in mem if "error" not in r}
+    if {"longest-8", "longest-8-distinct"} <= ok.keys():
+        d, sh = ok["longest-8-distinct"], ok["longest-8"]
+        wall = d["computed_tokens_per_s"] / sh["computed_tokens_per_s"]
+        cpu = _per_cpu_s(d) / _per_cpu_s(sh)
+        out.append(
+            f"\nPer computed token, distinct schemas run at {100 * wall:.0f}% of the shared "
+            f"schema's speed (wall time; {100 * cpu:.0f}% by CPU time)."
+        )
+    return "\n".join(out) + "\n"
+
+
+def _per_cpu_s(r: dict[str, Any]) -> float:
+    return r["tokens"]["computed_tokens"] / (r["mean_cpu_step_s"] * r["steps"])
+
+
+def scaling_markdown(scaling: list[dict[str, Any]]) -> str:
+    out = [
+        "| batch scaling: (c) LoRA, the same rows | batch | steps | step s | s / example "
+        "| CPU s / example | computed tokens / step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in scaling:
+        if "error" in r:
+            out.append(f"| {r['label']} | ERROR {r['error'].splitlines()[-1][:80]} |")
+            continue
+        per = r["mean_step_s"] / r["batch_size"]
+        out.append(
+            f"| {r['label']} | {r['batch_size']} | {r['steps']} | {r['mean_step_s']:.2f} "
+            f"| {per:.3f} | {r['mean_cpu_step_s'] / r['batch_size']:.3f} "
+            f"| {r['tokens']['computed_tokens'] / r['steps']:.0f} |"
+        )
+    ok = [r for r in scaling if "error" not in r]
+    if len(ok) == 2:
+        small, big = sorted(ok, key=lambda r: r["batch_size"])
+        ratio = (big["mean_step_s"] / big["batch_size"]) / (
+            small["mean_step_s"] / small["batch_size"]
+        )
+        cpu = (big["mean_cpu_step_s"] / big["batch_size"]) / (
+            small["mean_cpu_step_s"] / small["batch_size"]
+        )
+        out.append(
+            f"\nPer example, batch {big['batch_size']} costs {ratio:.2f}x batch "
+            f"{small['batch_size']} (wall time; {cpu:.2f}x by CPU time)."
         )
     return "\n".join(out) + "\n"
 
@@ -516,6 +668,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="batch selection seed (default 42)")
     p.add_argument("--methods", default="lora,full", help="comma list of lora,full")
     p.add_argument(
+        "--recipes",
+        default="a,b,c",
+        help="comma list of the recipes to time, a,b,c (default all; empty: none, e.g. to run "
+        "only the memory points or --batch-scaling)",
+    )
+    p.add_argument(
+        "--memory-steps",
+        type=int,
+        default=1,
+        help="timed steps per memory point, after --memory-warmup (default 1)",
+    )
+    p.add_argument(
+        "--memory-warmup",
+        type=int,
+        default=0,
+        help="untimed steps per memory point on the same batch first (default 0)",
+    )
+    p.add_argument(
+        "--no-memory", action="store_true", help="skip the memory points (longest-8 ...)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per configuration (default: torch's); 1 with the CPU-time columns "
+        "gives figures a busy machine does not distort",
+    )
+    p.add_argument(
+        "--batch-scaling",
+        type=int,
+        default=None,
+        metavar="B",
+        help="also time (c) LoRA on the same rows as batches of B (chosen by the project's "
+        "sampler) and as each of them cut in two, and report seconds per example",
+    )
+    p.add_argument(
+        "--experiment",
+        type=Path,
+        default=None,
+        metavar="YAML",
+        help="also time --warmup + --steps steps of this experiment's own job (its data, "
+        "model, sampler and settings, built by trainer.finetune), e.g. "
+        "experiments/smollm2-135m-lora-cpu.yaml",
+    )
+    p.add_argument(
         "--spider",
         type=Path,
         default=None,
@@ -548,6 +745,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not methods or any(m not in METHODS for m in methods):
         p.error(f"--methods: choose from {', '.join(METHODS)}")
     ns.methods = methods
+    recipes = [r.strip() for r in ns.recipes.split(",") if r.strip()]
+    if any(r not in RECIPES for r in recipes):
+        p.error(f"--recipes: choose from {', '.join(RECIPES)}")
+    ns.recipes = recipes
+    if ns.memory_steps <= 0 or ns.memory_warmup < 0:
+        p.error("--memory-steps must be positive, --memory-warmup >= 0")
+    if ns.batch_scaling is not None and (ns.batch_scaling < 2 or ns.batch_scaling % 2):
+        p.error("--batch-scaling: an even batch size >= 2")
     if ns.steps <= 0 or ns.warmup < 0 or ns.batch_size <= 0:
         p.error("--steps and --batch-size must be positive, --warmup >= 0")
     return ns
@@ -557,7 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     if ns.worker:
         spec = json.loads(Path(ns.worker[0]).read_text())
-        Path(ns.worker[1]).write_text(json.dumps(run_worker(spec)))
+        run = run_experiment_worker if "experiment" in spec else run_worker
+        Path(ns.worker[1]).write_text(json.dumps(run(spec)))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
@@ -594,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         results: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
             for method in ns.methods:
-                for recipe in RECIPES:
+                for recipe in ns.recipes:
                     label = f"{recipe}-{method}"
                     print(f"{label}: {RECIPES[recipe]} ...", flush=True)
                     spec = {
@@ -603,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
                         "label": label,
                         "warmup": ns.warmup,
                         "model": ns.model,
+                        "threads": ns.threads,
                         "batches": materialize(plan[recipe]),
                     }
                     r = spawn(spec, Path(tmp), timeout_s=ns.timeout)
@@ -620,8 +827,8 @@ def main(argv: list[str] | None = None) -> int:
             # their schemas). "longest-8-distinct": the longest row of 8 different schemas, so
             # nothing is shared -- the worst batch of 8 this data can produce.
             by_len = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-            mem_sets = {"longest-8": by_len[: ns.batch_size]}
-            if not ns.quick:
+            mem_sets = {} if ns.no_memory else {"longest-8": by_len[: ns.batch_size]}
+            if not ns.quick and not ns.no_memory:
                 seen: set[str] = set()
                 distinct = []
                 for i in by_len:
@@ -636,9 +843,10 @@ def main(argv: list[str] | None = None) -> int:
                     "recipe": "c",
                     "method": "lora",
                     "label": f"memory-{name}",
-                    "warmup": 0,
+                    "warmup": ns.memory_warmup,
                     "model": ns.model,
-                    "batches": materialize([idx]),
+                    "threads": ns.threads,
+                    "batches": materialize([idx] * (ns.memory_warmup + ns.memory_steps)),
                 }
                 r = spawn(spec, Path(tmp), timeout_s=ns.timeout)
                 r["label"] = name
@@ -647,6 +855,46 @@ def main(argv: list[str] | None = None) -> int:
                 memory.append(r)
                 if "error" not in r:
                     print(f"  peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+            # Batch scaling: the same rows as batches of B (the project's sampler) and as
+            # each of those cut in two (rows of one schema stay together: the sampler's
+            # batches are grouped by schema).
+            scaling: list[dict[str, Any]] = []
+            if ns.batch_scaling:
+                big = choose_batches(rows, ns.batch_scaling, ns.warmup, ns.steps, ns.seed + 1)["c"]
+                half = ns.batch_scaling // 2
+                small = [part for b in big for part in (b[:half], b[half:])]
+                for size, batches, warm in (
+                    (half, small, 2 * ns.warmup),
+                    (ns.batch_scaling, big, ns.warmup),
+                ):
+                    print(f"batch scaling: (c) LoRA, batches of {size} ...", flush=True)
+                    spec = {
+                        "recipe": "c",
+                        "method": "lora",
+                        "label": f"scaling-{size}",
+                        "warmup": warm,
+                        "model": ns.model,
+                        "threads": ns.threads,
+                        "batches": materialize(batches),
+                    }
+                    r = spawn(spec, Path(tmp), timeout_s=ns.timeout)
+                    r["label"] = f"batches of {size}"
+                    scaling.append(r)
+                    if "error" not in r:
+                        print(f"  {r['mean_step_s']:.2f} s/step", flush=True)
+            experiment: dict[str, Any] | None = None
+            if ns.experiment is not None:
+                print(f"experiment job {ns.experiment} ...", flush=True)
+                spec = {
+                    "label": "experiment",
+                    "experiment": str(ns.experiment.resolve()),
+                    "warmup": ns.warmup,
+                    "steps": ns.steps,
+                    "threads": ns.threads,
+                }
+                experiment = spawn(spec, Path(tmp), timeout_s=ns.timeout)
+                if "error" not in experiment:
+                    print(f"  {experiment['mean_step_s']:.2f} s/step", flush=True)
         peaks_after = {"float32": matmul_peak("float32", 2048, 1.0)}
         peaks["float32"] = max(peaks["float32"], peaks_after["float32"])
     except UserError as e:
@@ -676,10 +924,15 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "results": results,
         "memory": memory,
+        "batch_scaling": scaling,
+        "experiment": experiment,
         "ratios": ratios(results),
     }
     table = markdown(results, peaks)
-    mem_table = memory_markdown(memory)
+    mem_table = memory_markdown(memory) if memory else ""
+    scaling_table = scaling_markdown(scaling) if scaling else ""
+    if experiment is not None:
+        scaling_table += ("\n" if scaling_table else "") + experiment_markdown(experiment)
     truncated_total = sum(1 for r in rows if len(r["input_ids"]) > FIXED_LENGTH)
     notes = [
         f"Matmul peak (torch.matmul, square): fp32 {peaks['float32']:.1f} GFLOP/s, "
@@ -706,6 +959,8 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
         + mem_table
         + "\n"
+        + scaling_table
+        + ("\n" if scaling_table else "")
         + "\n".join(f"- {x}" for x in summary["ratios"])
         + "\n"
     )
@@ -716,10 +971,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print(mem_table)
+    if scaling_table:
+        print(scaling_table)
     print(f"written: {ns.out / 'results.json'}, {ns.out / 'results.md'} ({env['wall_s']:.0f} s)")
     for line in summary["ratios"]:
         print(line)
-    return 0 if all("error" not in r for r in results + memory) else 1
+    done = results + memory + scaling + ([experiment] if experiment else [])
+    return 0 if all("error" not in r for r in done) else 1
 
 
 if __name__ == "__main__":

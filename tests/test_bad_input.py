@@ -113,6 +113,16 @@ CASES = [
         config=lambda d: hp(d)["efficiency"].update(packing="sometimes"),
     ),
     Case(
+        "token-budget-negative",
+        "hyperparameters.efficiency.max_tokens_per_batch must be positive (or null), found -1",
+        config=lambda d: hp(d)["efficiency"].update(max_tokens_per_batch=-1),
+    ),
+    Case(
+        "token-budget-below-max-length",
+        "hyperparameters.efficiency.max_tokens_per_batch (100) is below data.max_length (384)",
+        config=lambda d: hp(d)["efficiency"].update(max_tokens_per_batch=100),
+    ),
+    Case(
         "wrong-type-section",
         "hyperparameters.data: expected a mapping, found list",
         config=lambda d: hp(d).update(data=["spider"]),

@@ -134,6 +134,39 @@ def test_ddp_two_ranks_match_one_process(
     assert len({round(v, 4) for v in l1.values()}) > 1
 
 
+def test_deepspeed_two_ranks_share_prefixes_like_one_process(
+    tmp_path: Path, tiny_llama: Path, spider_dir: Path
+) -> None:
+    """Prefix sharing under DeepSpeed (ZeRO-2, 2 CPU ranks): the segments reach the attention
+    through the DeepSpeed engine's forward, so the run is the single-process run with the same
+    global batches (1 process x 4 rows x 2 accumulation steps, no DeepSpeed)."""
+    steps = 4
+    ds_config = REPO_ROOT / "experiments" / "ds_configs" / "zero2.json"
+    exp = tiny.write_experiment(
+        tmp_path / "exp.yaml", tiny_llama, method="full", steps=steps, lr=1e-3, entrypoint=DEEPSPEED
+    )
+    common = ["efficiency.bf16=false"]  # prefix_sharing and its sampler: the defaults
+    one = text2sql_run(
+        exp,
+        tmp_path / "one",
+        [*common, "resources.slots_per_trial=1", "training_args.gradient_accumulation_steps=2"],
+    )
+    two = text2sql_run(
+        exp,
+        tmp_path / "two",
+        [*common, "resources.slots_per_trial=2", f"training_args.deepspeed={ds_config}"],
+    )
+    assert "deepspeed --num_gpus 2" in two.stdout and "launching" not in one.stdout
+    s2 = summary(trial_dir(tmp_path / "two"))
+    assert s2["engine"] == "DeepSpeedEngine" and s2["world_size"] == 2
+    l1, l2 = step_losses(trial_dir(tmp_path / "one")), step_losses(trial_dir(tmp_path / "two"))
+    assert sorted(l1) == sorted(l2) == list(range(1, steps + 1))
+    diff = max_rel_diff(l2, l1)
+    print(f"ZeRO-2 prefix sharing vs single process: max relative loss difference {diff:.2e}")
+    assert diff < 1e-4, (l1, l2)
+    assert len({round(v, 4) for v in l1.values()}) > 1
+
+
 def _param_changes(checkpoint: Path, base_dir: Path) -> tuple[int, int]:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

@@ -1,50 +1,76 @@
 """Shared-prefix packing and padding-free packing are exact: no cross-example attention.
 
-Every example's completion log-probabilities must be those of running it on its own.
+Every example's completion log-probabilities, loss and gradient must be those of running it on
+its own (or padded with others): the batch is one flattened row split into spans, read by
+segment attention (`trainer.segment_attention`: SDPA per span on CPU, FlexAttention on CUDA).
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tests import tiny
 
+SCHEMA_A = "CREATE TABLE singer (name TEXT, age INT, country TEXT)"
+SCHEMA_B = "CREATE TABLE head (age INTEGER)"
+SCHEMA_C = "CREATE TABLE t (a INT, b TEXT)"
+SCHEMA_D = "CREATE TABLE stadium (id INT, capacity INT, name TEXT, city TEXT)"
+
+
+def _tokenize(tok: Any, examples: list[Any]) -> list[dict[str, Any]]:
+    from dataset_utils.formatting import plan_format, tokenize_examples
+
+    t = tokenize_examples(examples, tok, plan_format("chatml", tok), None)
+    return [
+        {"input_ids": i, "labels": lab, "prefix_len": p}
+        for i, lab, p in zip(t.input_ids, t.labels, t.prefix_len, strict=True)
+    ]
+
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory):
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.make_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return tiny.tokenizer()
+
+
+@pytest.fixture(scope="module")
+def row_sets(tok: Any) -> dict[str, list[dict[str, Any]]]:
+    return _row_sets(tok)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_path: Path, tok: Any):
     from transformers import AutoModelForCausalLM
 
-    from dataset_utils.formatting import plan_format, tokenize_examples
     from dataset_utils.records import Example
+    from trainer.segment_attention import enable_segment_attention
 
-    path = tiny.make_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
-    tok = tiny.tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-    schema_a = "CREATE TABLE singer (name TEXT, age INT, country TEXT)"
-    schema_b = "CREATE TABLE head (age INTEGER)"
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, attn_implementation="sdpa").eval()
+    # Segment attention: spans when the batch has them, plain SDPA otherwise (padding, alone).
+    enable_segment_attention(model)
     examples = [
-        Example("How many singers?", schema_a, "SELECT count(*) FROM singer", "t"),
+        Example("How many singers?", SCHEMA_A, "SELECT count(*) FROM singer", "t"),
         Example(
-            "Names of singers over 30?", schema_a, "SELECT name FROM singer WHERE age > 30", "t"
+            "Names of singers over 30?", SCHEMA_A, "SELECT name FROM singer WHERE age > 30", "t"
         ),
-        Example("Countries?", schema_a, "SELECT DISTINCT country FROM singer", "t"),
+        Example("Countries?", SCHEMA_A, "SELECT DISTINCT country FROM singer", "t"),
         Example(
             "How many heads are older than 56?",
-            schema_b,
+            SCHEMA_B,
             "SELECT COUNT(*) FROM head WHERE age > 56",
             "t",
         ),
     ]
-    plan = plan_format("chatml", tok)
-    t = tokenize_examples(examples, tok, plan, None)
-    rows = [
-        {"input_ids": i, "labels": lab, "prefix_len": p}
-        for i, lab, p in zip(t.input_ids, t.labels, t.prefix_len, strict=True)
-    ]
-    return model, tok, rows
+    return model, tok, _tokenize(tok, examples)
 
 
 def _alone(model, row) -> torch.Tensor:
@@ -74,22 +100,114 @@ def test_same_schema_rows_share_one_prefix(setup) -> None:
     p = rows[0]["prefix_len"]
     assert rows[0]["input_ids"][:p] == rows[1]["input_ids"][:p]
     batch = CompletionCollator(tok.pad_token_id, prefix_sharing=True)(rows)
-    # Two sequences (schema a with 3 questions, schema b with 1), each prefix computed once.
-    assert batch["input_ids"].shape[0] == 2
-    real_tokens = int((batch["position_ids"] > 0).sum()) + 2
-    separate = sum(len(r["input_ids"]) for r in rows)
-    assert real_tokens == separate - 2 * p  # the schema-a prefix is not repeated twice
+    # One flattened row, no padding: schema a's prefix once, its 3 questions as blocks that
+    # continue it, then the schema-b row (shares nothing) whole.
+    n = [len(r["input_ids"]) for r in rows]
+    assert batch["input_ids"].shape == (1, sum(n) - 2 * p)
+    assert batch["attention_mask"].all()
+    a1, a2, a3 = n[0], n[0] + n[1] - p, n[0] + n[1] + n[2] - 2 * p
+    assert batch["segments"].spans == (
+        (0, 0, 0, p),
+        (0, p, p, a1),
+        (0, p, a1, a2),
+        (0, p, a2, a3),
+        (0, 0, a3, a3 + n[3]),
+    )
+    # Positions: each block continues the prefix as if alone; the lone row starts at 0.
+    pos = batch["position_ids"][0].tolist()
+    assert pos[:p] == list(range(p))
+    assert pos[a1:a2] == list(range(p, n[1]))
+    assert pos[a3:] == list(range(n[3]))
+    assert batch["input_ids"][0, a1:a2].tolist() == rows[1]["input_ids"][p:]
     trained = int((batch["labels"] != -100).sum())
     assert trained == sum(sum(1 for x in r["labels"] if x != -100) for r in rows)
 
 
-@pytest.mark.parametrize("mode", ["prefix_sharing", "padding", "packing"])
-def test_per_example_logprobs_equal_running_alone(setup, mode: str) -> None:
+def test_segments_mask_is_exactly_prefix_plus_own_block() -> None:
+    """The spans' dense mask, written out by hand: 2 prefix tokens, blocks of 2 and 1 tokens
+    continuing it, then a standalone row of 2 tokens."""
+    from trainer.segment_attention import Segments
+
+    s = Segments(((0, 0, 0, 2), (0, 2, 2, 4), (0, 2, 4, 5), (0, 0, 5, 7)), 7)
+    want = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 1, 0, 0],
+            [0, 0, 0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(s.dense_mask(), want)
+    with pytest.raises(ValueError, match="tile"):
+        Segments(((0, 0, 0, 2), (0, 0, 3, 4)), 4)
+    with pytest.raises(ValueError, match="earlier span"):
+        Segments(((0, 0, 0, 2), (0, 1, 2, 4)), 4)
+
+
+def test_flex_block_mask_matches_span_attention() -> None:
+    """The BlockMask CUDA trains with, run forward by FlexAttention on CPU (torch 2.13 has no
+    CPU backward), gives the same attention output as the CPU span loop, with GQA heads."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from trainer.segment_attention import Segments, _span_attention
+
+    # 128-token tiles: a 256-token prefix, two 128-token blocks on it, a standalone row, and
+    # a short row that ends mid-tile.
+    spans = ((0, 0, 0, 256), (0, 256, 256, 384), (0, 256, 384, 512), (0, 0, 512, 640))
+    s = Segments((*spans, (0, 0, 640, 700)), 700)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 700, 16, generator=g)
+    k = torch.randn(1, 2, 700, 16, generator=g)
+    v = torch.randn(1, 2, 700, 16, generator=g)
+    bm = s.block_mask(torch.device("cpu"))
+    # Block sparsity: only tiles with an allowed entry are computed -- the blocks read the
+    # prefix and themselves, never each other; the rows only themselves.
+    tiles = bm.to_dense()[0, 0].bool()
+    want = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0],
+            [0, 0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(tiles, want)
+    with pytest.warns(UserWarning):  # uncompiled flex on CPU: the dense reference kernel
+        flex = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, scale=0.25)
+    spans_out = _span_attention(q, k, v, s, 0.0, 0.25)
+    torch.testing.assert_close(flex.transpose(1, 2), spans_out, atol=1e-5, rtol=1e-5)
+    # ...and both are attention under the dense mask.
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        k.repeat_interleave(2, 1),
+        v.repeat_interleave(2, 1),
+        attn_mask=s.dense_mask(),
+        scale=0.25,
+    )
+    torch.testing.assert_close(spans_out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mode", "segments"),
+    [("prefix_sharing", True), ("padding", False), ("packing", True), ("packing", False)],
+    ids=["prefix_sharing", "padding", "packing-segments", "packing-position-ids"],
+)
+def test_per_example_logprobs_equal_running_alone(setup, mode: str, segments: bool) -> None:
     from trainer.hf_trainer import CompletionCollator
 
     model, tok, rows = setup
     collator = CompletionCollator(
-        tok.pad_token_id, prefix_sharing=mode == "prefix_sharing", packing=mode == "packing"
+        tok.pad_token_id,
+        prefix_sharing=mode == "prefix_sharing",
+        packing=mode == "packing",
+        segments=segments,
     )
     batch = collator(rows)
     got = _batched(model, batch)
@@ -123,6 +241,255 @@ def test_no_cross_example_attention(setup, mode: str) -> None:
     assert not torch.allclose(changed[n0 : n0 + n1], base[n0 : n0 + n1])  # row 1 did change
 
 
+def test_segment_batch_builds_no_quadratic_mask(setup) -> None:
+    """The decoder layers of a segment batch get no attention mask at all (no T x T tensor):
+    the spans are the mask. A padded batch still gets SDPA's usual mask."""
+    from trainer.hf_trainer import CompletionCollator
+
+    model, tok, rows = setup
+    seen: list[Any] = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    try:
+        _batched(model, CompletionCollator(tok.pad_token_id, prefix_sharing=True)(rows))
+        _batched(model, CompletionCollator(tok.pad_token_id)(rows))
+    finally:
+        hook.remove()
+    assert seen[0] is None
+    assert seen[1] is not None and seen[1].ndim == 4
+
+
+def test_a_row_whose_first_unshared_token_is_trained_is_not_shared(setup) -> None:
+    from trainer.hf_trainer import CompletionCollator
+
+    model, tok, rows = setup
+    p = rows[0]["prefix_len"]
+    odd = dict(rows[1], labels=list(rows[1]["labels"]))
+    odd["labels"][p] = odd["input_ids"][p]  # the prefix's last position would predict it
+    batch = CompletionCollator(tok.pad_token_id, prefix_sharing=True)([rows[0], odd, rows[2]])
+    prefix, b0, b2, alone = batch["segments"].spans
+    # rows 0 and 2 share the prefix; the odd row stands alone, whole, after them.
+    assert prefix == (0, 0, 0, p) and b0[:2] == b2[:2] == (0, p)
+    assert alone == (0, 0, b2[3], b2[3] + len(odd["input_ids"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness of training: per-example losses and gradients, fast paths vs plain padding.
+
+
+def _row_sets(tok: Any) -> dict[str, list[dict[str, Any]]]:
+    from dataset_utils.records import Example
+
+    def ex(schema: str, i: int, extra: str = "") -> Example:
+        return Example(f"question {i}{extra}?", schema, f"SELECT a FROM t WHERE a > {i}", "t")
+
+    long_q = " about the table and all of its columns, and then some more words"
+    shared = [ex(SCHEMA_C, i) for i in range(5)] + [ex(SCHEMA_C, 5, long_q)]
+    distinct = [ex(SCHEMA_A, 0), ex(SCHEMA_B, 1, long_q), ex(SCHEMA_C, 2), ex(SCHEMA_D, 3)]
+    # Interleaved: groups a (3 rows), b (2), d (1), in order of first appearance a, b, d.
+    mixed = [
+        ex(SCHEMA_A, 0),
+        ex(SCHEMA_B, 1),
+        ex(SCHEMA_A, 2, long_q),
+        ex(SCHEMA_D, 3),
+        ex(SCHEMA_B, 4),
+        ex(SCHEMA_A, 5),
+    ]
+    return {
+        k: _tokenize(tok, v)
+        for k, v in (("shared", shared), ("distinct", distinct), ("mixed", mixed))
+    }
+
+
+def _collated_order(rows: list[dict[str, Any]], prefix_sharing: bool) -> list[int]:
+    """Row order of the completion tokens in a flattened batch: with prefix sharing, groups
+    in order of first appearance, rows in input order within a group."""
+    if not prefix_sharing:
+        return list(range(len(rows)))
+    first: dict[tuple[int, ...], int] = {}
+    keys = [tuple(r["input_ids"][: r["prefix_len"]]) for r in rows]
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    return sorted(range(len(rows)), key=lambda i: (first[keys[i]], i))
+
+
+def _build(path: Path, method: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from trainer.config import LoraArgs
+    from trainer.modeling import apply_adapter, peft_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    if method == "full":
+        return model
+    # LoRA on the top layer only (the layer below runs without grad), activation
+    # checkpointing on (as `auto` does for long batches); B initialised non-zero so every
+    # adapter weight gets a gradient worth comparing.
+    cfg = peft_config("lora", LoraArgs(r=4, alpha=8, dropout=0.0, last_layers=1), model)
+    cfg.init_lora_weights = False
+    return apply_adapter(model, cfg, activation_checkpointing=True)
+
+
+def _loss_and_grads(model: Any, batch: dict[str, Any], order: list[int], n_completion: list[int]):
+    from trainer.hf_trainer import completion_targets
+
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    keep, targets = completion_targets(labels)
+    out = model(**batch, logits_to_keep=keep, use_cache=False)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    token_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    chunks = token_loss.split([n_completion[i] for i in order])
+    per_example = torch.empty(len(order))
+    for i, c in zip(order, chunks, strict=True):
+        per_example[i] = c.mean().detach()
+    loss = token_loss.mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    return per_example, loss.detach(), grads
+
+
+@pytest.mark.parametrize("method", ["full", "lora-top-layer-checkpointed"])
+@pytest.mark.parametrize("rows_kind", ["shared", "distinct", "mixed"])
+@pytest.mark.parametrize("mode", ["prefix_sharing", "packing"])
+def test_training_matches_padding(
+    tiny_path: Path, tok: Any, row_sets: dict[str, Any], mode: str, rows_kind: str, method: str
+) -> None:
+    """One backward pass gives the same per-example losses, total loss and gradients with the
+    fast path (shared prefix, or padding-free packing) as with plain right padding."""
+    from trainer.hf_trainer import CompletionCollator
+    from trainer.segment_attention import enable_segment_attention
+
+    rows = row_sets[rows_kind]
+    n_completion = [sum(1 for x in r["labels"] if x != -100) for r in rows]
+    results = []
+    for fast in (False, True):
+        model = _build(tiny_path, method.split("-")[0])
+        model.train()
+        collator = CompletionCollator(
+            tok.pad_token_id,
+            prefix_sharing=fast and mode == "prefix_sharing",
+            packing=fast and mode == "packing",
+        )
+        batch = collator(rows)
+        if fast:
+            enable_segment_attention(model)
+            assert batch["input_ids"].shape[0] == 1  # one flattened row: nothing padded
+        else:
+            assert batch["attention_mask"].ndim == 2 and not batch["attention_mask"].all()
+        order = _collated_order(rows, fast and mode == "prefix_sharing")
+        results.append(_loss_and_grads(model, batch, order, n_completion))
+    (pe0, l0, g0), (pe1, l1, g1) = results
+    torch.testing.assert_close(pe1, pe0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    assert g0.keys() == g1.keys()
+    if method != "full":
+        assert all(".layers.1." in n for n in g0)  # only the top layer is adapted
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ddp_wrapped_model_passes_segments_through(
+    tiny_path: Path, tok: Any, row_sets: dict[str, Any]
+) -> None:
+    """Under DistributedDataParallel (gloo, one rank) the forward goes through the wrapper and
+    its keyword arguments reach the attention: the same gradients as padding."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from trainer.hf_trainer import CompletionCollator
+    from trainer.segment_attention import enable_segment_attention
+
+    rows = row_sets["mixed"]
+    n_completion = [sum(1 for x in r["labels"] if x != -100) for r in rows]
+    padded = _loss_and_grads(
+        _build(tiny_path, "full"),
+        CompletionCollator(tok.pad_token_id)(rows),
+        list(range(len(rows))),
+        n_completion,
+    )
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        model = _build(tiny_path, "full")
+        enable_segment_attention(model)
+        ddp = DistributedDataParallel(model)
+        batch = CompletionCollator(tok.pad_token_id, prefix_sharing=True)(rows)
+        shared = _loss_and_grads(ddp, batch, _collated_order(rows, True), n_completion)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(shared[0], padded[0], atol=1e-5, rtol=1e-5)
+    for name, g in padded[2].items():
+        torch.testing.assert_close(shared[2]["module." + name], g, atol=1e-5, rtol=1e-4)
+
+
+def test_trainer_switches_the_model_and_refuses_segments_without_it(
+    tiny_path: Path, tok: Any, row_sets: dict[str, Any]
+) -> None:
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from trainer.hf_trainer import CompletionCollator, Text2SqlTrainer
+    from trainer.segment_attention import SEGMENT_ATTENTION
+
+    rows = row_sets["shared"]
+    args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none")
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, attn_implementation="sdpa")
+    trainer = Text2SqlTrainer(
+        model=model,
+        args=args,
+        data_collator=CompletionCollator(tok.pad_token_id, prefix_sharing=True),
+    )
+    assert model.config._attn_implementation == SEGMENT_ATTENTION
+    batch = trainer.data_collator(rows)
+    assert trainer.compute_loss(model, batch) > 0
+    model.set_attn_implementation("sdpa")  # plain SDPA would let the rows see each other
+    with pytest.raises(ValueError, match="segment attention"):
+        trainer.compute_loss(model, batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["prefix_sharing", "packing"])
+def test_flex_attention_training_matches_padding_on_gpu(
+    tiny_path: Path, tok: Any, row_sets: dict[str, Any], mode: str
+) -> None:
+    """On CUDA segment attention runs FlexAttention with the spans' BlockMask (forward and
+    backward): the same per-example losses and gradients as padding, fp32."""
+    from trainer.hf_trainer import CompletionCollator
+    from trainer.segment_attention import enable_segment_attention
+
+    rows = row_sets["mixed"]
+    n_completion = [sum(1 for x in r["labels"] if x != -100) for r in rows]
+    results = []
+    for fast in (False, True):
+        model = _build(tiny_path, "full").cuda()
+        collator = CompletionCollator(
+            tok.pad_token_id,
+            prefix_sharing=fast and mode == "prefix_sharing",
+            packing=fast and mode == "packing",
+        )
+        batch = {
+            k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in collator(rows).items()
+        }
+        if fast:
+            enable_segment_attention(model)
+        order = _collated_order(rows, fast and mode == "prefix_sharing")
+        results.append(_loss_and_grads(model, batch, order, n_completion))
+    assert results[1][0].device.type == "cpu"
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for name, g in results[0][2].items():
+        torch.testing.assert_close(results[1][2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_sampler_groups_prefixes_and_covers_every_row_once() -> None:
     from trainer.hf_trainer import PrefixGroupedSampler
 
@@ -136,69 +503,6 @@ def test_sampler_groups_prefixes_and_covers_every_row_once() -> None:
     assert list(PrefixGroupedSampler(keys, 4, seed=3)) == order  # reproducible
     s.set_epoch(1)
     assert list(s) != order
-
-
-@pytest.mark.parametrize("mode", ["prefix_sharing", "packing"])
-def test_training_matches_padding(tmp_path: Path, mode: str) -> None:
-    """One backward pass gives the same per-example losses, total loss and gradients with the
-    fast path (shared prefix, or padding-free packing) as with plain right padding."""
-    from transformers import AutoModelForCausalLM
-
-    from dataset_utils.formatting import plan_format, tokenize_examples
-    from dataset_utils.records import Example
-    from trainer.hf_trainer import CompletionCollator, completion_targets
-
-    path = tiny.make_tiny_model(tmp_path / "tiny")
-    tok = tiny.tokenizer()
-    schema = "CREATE TABLE t (a INT, b TEXT)"
-    ex = [
-        Example(f"question {i}?", schema, f"SELECT a FROM t WHERE a > {i}", "t") for i in range(5)
-    ]
-    # Rows of different lengths, so padding really pads and packing really packs.
-    ex.append(
-        Example(
-            "a much longer question about the table t and its columns?",
-            schema,
-            "SELECT b FROM t WHERE a > 3 AND b LIKE '%x%' ORDER BY a DESC",
-            "t",
-        )
-    )
-    t = tokenize_examples(ex, tok, plan_format("chatml", tok), None)
-    rows = [
-        {"input_ids": i, "labels": lab, "prefix_len": p}
-        for i, lab, p in zip(t.input_ids, t.labels, t.prefix_len, strict=True)
-    ]
-    n_completion = [sum(1 for x in r["labels"] if x != -100) for r in rows]
-    grads, losses, per_example = [], [], []
-    for fast in (False, True):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-        collator = CompletionCollator(
-            tok.pad_token_id,
-            prefix_sharing=fast and mode == "prefix_sharing",
-            packing=fast and mode == "packing",
-        )
-        batch = collator(rows)
-        if fast and mode == "packing":
-            assert batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
-            assert "attention_mask" not in batch  # padding-free: nothing is padded
-        labels = batch.pop("labels")
-        keep, targets = completion_targets(labels)
-        # use_cache=False, as Text2SqlTrainer passes: with a KV cache transformers does not
-        # derive the block-diagonal mask from restarting position_ids, and packed examples
-        # would attend to each other.
-        out = model(**batch, logits_to_keep=keep, use_cache=False)
-        logits = out.logits.reshape(-1, out.logits.shape[-1])
-        token_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        # Completion tokens come out in row order in every mode (all rows share one schema).
-        per_example.append(torch.stack([c.mean() for c in token_loss.split(n_completion)]))
-        loss = token_loss.mean()
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    torch.testing.assert_close(per_example[0], per_example[1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-3)
 
 
 @pytest.mark.slow

@@ -277,14 +277,22 @@ class EfficiencyArgs:
     # Padding-free packing: concatenate a batch into one row with per-example position ids.
     packing: bool = False
     # Shared-prefix packing: questions about the same schema share one computation of it
-    # (exact: same per-example loss; see trainer/hf_trainer.py). Needs sdpa/eager attention.
+    # (exact: same per-example loss; trainer/segment_attention.py: SDPA per span on CPU,
+    # FlexAttention on CUDA, whatever flash_attention says).
     prefix_sharing: bool = True
     # auto: recompute activations only for batches over `checkpointing_min_tokens` tokens
     # (bounds memory on long Spider schemas, costs nothing on short batches); true / false.
     activation_checkpointing: str = "auto"
     checkpointing_min_tokens: int = 1536
     liger_kernel: bool = False
+    # flash-attn for padded batches, `packing` and generation (prefix sharing trains with
+    # FlexAttention on a GPU instead: flash-attn cannot share a prefix).
     flash_attention: bool = False
+    # Token-budget batching: a training batch takes as many rows as fit in this many positions
+    # (what the collator makes of them: a shared schema counts once, padding counts), so
+    # short rows make big batches and long rows small ones; per_device_train_batch_size no
+    # longer sets the training batch. Must be >= data.max_length. null: fixed-size batches.
+    max_tokens_per_batch: int | None = None
 
     def __post_init__(self) -> None:
         if str(self.bf16).lower() not in ("auto", "true", "false"):
@@ -292,6 +300,9 @@ class EfficiencyArgs:
         self.bf16 = str(self.bf16).lower()
         if self.packing and self.prefix_sharing:
             raise UserError("packing and prefix_sharing are exclusive; choose one")
+        budget = self.max_tokens_per_batch
+        if budget is not None and budget <= 0:
+            raise UserError(f"max_tokens_per_batch must be positive (or null), found {budget}")
         self.activation_checkpointing = str(self.activation_checkpointing).lower()
         if self.activation_checkpointing not in ("auto", "true", "false"):
             raise UserError(
@@ -345,6 +356,12 @@ class Hyperparameters:
             )
         if self.method in ("lora", "qlora") and self.lora is None:
             self.lora = LoraArgs()
+        budget = self.efficiency.max_tokens_per_batch
+        if budget is not None and budget < self.data.max_length:
+            raise UserError(
+                f"efficiency.max_tokens_per_batch ({budget}) is below data.max_length "
+                f"({self.data.max_length}): the longest rows would not fit in a batch"
+            )
         if self.method == "qlora" and self.quantization is None:
             self.quantization = QuantizationArgs()
 

@@ -84,7 +84,17 @@ def build_model(hp: Hyperparameters, tokenizer: Any) -> Any:
     from trainer.modeling import apply_adapter, load_model, peft_config, quantization_config
 
     quant = quantization_config(hp.method, hp.quantization)
-    attn = "flash_attention_2" if hp.efficiency.flash_attention and _flash_attn_ok() else None
+    attn = None
+    if hp.efficiency.flash_attention:
+        if hp.efficiency.prefix_sharing:
+            # Segment attention (Text2SqlTrainer switches to it) trains shared prefixes with
+            # FlexAttention on a GPU; flash-attn has no way to let blocks share a prefix.
+            log.info(
+                "efficiency.flash_attention: prefix_sharing trains with FlexAttention; "
+                "flash-attn is used with prefix_sharing: false"
+            )
+        elif _flash_attn_ok():
+            attn = "flash_attention_2"
     model = load_model(hp.model, quant_config=quant, attn_implementation=attn)
     return apply_adapter(
         model,
@@ -108,8 +118,9 @@ def build_training_args(hp: Hyperparameters, env: RunEnv) -> Any:
     args.setdefault("eval_strategy", "no")
     args["remove_unused_columns"] = False  # the collator ignores the `length` column
     args["disable_tqdm"] = not env.progress
-    sharing = hp.efficiency.prefix_sharing and not hp.efficiency.flash_attention
-    if hp.efficiency.group_by_length and not hp.efficiency.packing and not sharing:
+    eff = hp.efficiency
+    own_sampler = eff.packing or eff.prefix_sharing or eff.max_tokens_per_batch is not None
+    if eff.group_by_length and not own_sampler:
         args["train_sampling_strategy"] = "group_by_length"
     if hp.efficiency.liger_kernel:
         args["use_liger_kernel"] = _liger_ok()
@@ -209,7 +220,10 @@ def build_trainer(
         data_collator=CompletionCollator(
             tokenizer.pad_token_id,
             packing=hp.efficiency.packing,
-            prefix_sharing=hp.efficiency.prefix_sharing and not hp.efficiency.flash_attention,
+            prefix_sharing=hp.efficiency.prefix_sharing,
+            # flash-attn packs by position_ids (variable-length kernels); anything else
+            # reads the spans (segment attention).
+            segments=hp.efficiency.prefix_sharing or not _uses_flash_attention(model),
         ),
         processing_class=tokenizer,
         callbacks=env.callbacks,
@@ -219,6 +233,7 @@ def build_trainer(
             if hp.efficiency.activation_checkpointing == "auto"
             else None
         ),
+        max_tokens_per_batch=hp.efficiency.max_tokens_per_batch,
     )
 
 
@@ -435,6 +450,11 @@ def _flash_attn_ok() -> bool:
     if not ok:
         log.warning("efficiency.flash_attention: flash-attn or a GPU is missing; using sdpa")
     return ok
+
+
+def _uses_flash_attention(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "flash" in str(getattr(base.config, "_attn_implementation", ""))
 
 
 def _liger_ok() -> bool:
