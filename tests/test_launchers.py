@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,9 +54,26 @@ def text2sql_run(
     cmd += ["--no-mirror", "--no-progress"]
     for o in overrides:
         cmd += ["--set", o]
-    proc = subprocess.run(
-        cmd, cwd=exp.parent, env=env, capture_output=True, text=True, timeout=timeout
+    # Its own session, so that a run that hangs (a collective one rank never joins) takes its
+    # launcher and every rank down with it at the timeout, instead of leaving them behind.
+    child = subprocess.Popen(
+        cmd,
+        cwd=exp.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        raise AssertionError(
+            f"text2sql run did not finish in {timeout:.0f} s\n{out[-6000:]}\n{err[-6000:]}"
+        ) from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     )

@@ -124,3 +124,56 @@ def test_qlora_training_changes_only_adapters_and_loss_falls(
     assert len(losses) == steps
     print(f"QLoRA losses: {[round(x, 3) for x in losses]}")
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+
+
+def test_qlora_keeps_bf16_base_and_non_reentrant_checkpointing(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
+    """Norms, embeddings and LM head stay in the compute dtype (bf16) and checkpointing is
+    non-reentrant: peft's prepare_model_for_kbit_training (used before) cast them to fp32 --
+    so the residual stream and every checkpointed layer input was fp32 -- and left torch's
+    reentrant checkpointing on."""
+    from trainer.finetune import build_model
+
+    hp = _hparams(
+        tmp_path,
+        tiny_llama,
+        "quantization.compute_dtype=bfloat16",
+        "efficiency.activation_checkpointing=true",
+    )
+    tok = tiny.tokenizer()
+    model = build_model(hp, tok)
+    dtypes = {
+        n: p.dtype
+        for n, p in model.named_parameters()
+        if not isinstance(p, bnb.nn.Params4bit) and "lora_" not in n
+    }
+    assert dtypes and set(dtypes.values()) == {torch.bfloat16}, dtypes
+    lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert lora == {torch.float32}  # trainable adapters keep fp32 weights for AdamW
+    layers = model.get_base_model().model.layers
+    for layer in layers:
+        assert layer.gradient_checkpointing
+        assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+
+    # The residual stream entering each layer is bf16, and a training step still reaches
+    # every adapter.
+    seen: list[torch.dtype] = []
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, args, kw: (
+                seen.append(args[0].dtype) if args else seen.append(kw["hidden_states"].dtype)
+            ),
+            with_kwargs=True,
+        )
+        for layer in layers
+    ]
+    model.train()
+    ids = torch.tensor([tok("SELECT name FROM singer WHERE age > 30")["input_ids"]])
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {torch.bfloat16}, seen
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)

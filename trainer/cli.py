@@ -89,6 +89,28 @@ def _add_decoding_arg(p: argparse.ArgumentParser) -> None:
         help="override the checkpoint's eval.decoding for this evaluation (repeatable): "
         "num_beams=4, execution_guided=true, schema_constrained=true",
     )
+def _cmd_memory(ns: argparse.Namespace) -> int:
+    from trainer.experiment import _context_dir, apply_overrides, read_yaml
+    from trainer.memory import estimate, gpu_needed, markdown_table, max_tokens, plan_for_experiment
+
+    paths = [Path(p) for p in ns.experiments]
+    if ns.markdown:
+        print(markdown_table(paths, _context_dir(paths[0])))
+        return 0
+    for path in paths:
+        config = read_yaml(path)
+        apply_overrides(config, ns.set)
+        plan = plan_for_experiment(config, _context_dir(path))
+        est = estimate(plan)
+        need = gpu_needed(est.total)
+        print(f"{path}: {plan.tokens:,} tokens per micro-batch: {est.summary()}")
+        for note in est.notes:
+            print(f"  {note}")
+        print(f"  smallest GPU with 10% headroom: {f'{need} GB' if need else 'none listed'}")
+        if ns.gpu_gb:
+            budget = max_tokens(plan, ns.gpu_gb)
+            print(f"  largest micro-batch on a {ns.gpu_gb:g} GB GPU: {budget:,} tokens")
+    return 0
 
 
 def _cmd_mirror(ns: argparse.Namespace) -> int:
@@ -284,6 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-n", type=int, default=10, help="how many examples (default 10)")
     c.add_argument("--seed", type=int, default=0, help="which random examples")
     c.set_defaults(func=_cmd_evaluate, limit=None)
+
+    mem = sub.add_parser(
+        "memory",
+        help="GPU memory per GPU of an experiment, from the memory model (no GPU needed)",
+        description="Weights, gradients, optimizer states, buffers, activations and logits per "
+        "GPU for the experiment's largest trial (trainer/memory.py), the smallest common GPU "
+        "that holds it with 10%% headroom, and with --gpu-gb the largest micro-batch in tokens "
+        "that fits that GPU.",
+    )
+    mem.add_argument("experiments", nargs="+")
+    mem.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    mem.add_argument("--gpu-gb", type=float, help="also size the token budget for this GPU")
+    mem.add_argument(
+        "--markdown", action="store_true", help="print benchmarks/README.md's GPU table"
+    )
+    mem.set_defaults(func=_cmd_memory)
 
     from dataset_utils.inspect import add_inspect_arguments, run_inspect
 

@@ -127,6 +127,9 @@ def build_training_args(hp: Hyperparameters, env: RunEnv) -> Any:
     if not torch.cuda.is_available():
         args["use_cpu"] = True
         args.pop("fp16", None)
+    else:
+        for key, value in gpu_precision_args(torch.cuda.get_device_capability()).items():
+            args.setdefault(key, value)
     if "bf16" not in args:
         args["bf16"] = use_bf16(hp.efficiency.bf16)
     if env.deepspeed is not None:
@@ -134,6 +137,34 @@ def build_training_args(hp: Hyperparameters, env: RunEnv) -> Any:
     if env.searcher_metric and args.get("eval_strategy") != "no":
         args.setdefault("metric_for_best_model", env.searcher_metric)
     return validate_training_args(args, env.output_dir, user=False)
+
+
+def validation_shard(subset: Sequence[Example], rank: int, world: int) -> tuple[list[Example], int]:
+    """This rank's share of the validation subset, padded to the same length on every rank.
+
+    Under ZeRO-3 every rank must run the same number of ``generate`` calls (``synced_gpus``:
+    each forward all-gathers the layers' shards). With ``subset[rank::world]`` alone, 65
+    samples in batches of 32 on 2 ranks give one rank 2 batches and the other 1: the first is
+    still generating while the second waits in ``all_gather_object`` -- a deadlock. Filler rows
+    (copies of the shard's first sample, or of the subset's) even the counts out; their
+    outputs are dropped. Returns (rows to generate, how many of them are real).
+    """
+    shard = list(subset[rank::world])
+    n_real = len(shard)
+    longest = -(-len(subset) // world)
+    filler = shard[0] if shard else subset[0]
+    return shard + [filler] * (longest - n_real), n_real
+
+
+def gpu_precision_args(capability: tuple[int, int]) -> dict[str, Any]:
+    """TrainingArguments a GPU of this compute capability should get by default.
+
+    TF32 on Ampere and newer (capability 8.0+): what still runs in fp32 -- the fp32 master
+    weights' matmuls outside autocast, the upcast logits of the loss, fp32 LoRA adapters --
+    uses the tensor cores at ~8x the fp32 rate (10-bit mantissa products, fp32 accumulation;
+    PyTorch leaves it off by default). Older GPUs: TrainingArguments refuses ``tf32``.
+    """
+    return {"tf32": True} if tuple(capability) >= (8, 0) else {}
 
 
 def build_generation_metrics(
@@ -158,7 +189,7 @@ def build_generation_metrics(
 
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
-        shard = subset[rank::world]
+        shard, n_real = validation_shard(subset, rank, world)
         zero3 = _is_zero3(model)
         gen = generate_sql(
             _unwrap(model),
@@ -173,16 +204,20 @@ def build_generation_metrics(
             timeout_s=hp.eval.timeout_s,
             **asdict(hp.eval.validation_decoding),
         )
-        preds: list[str] = [""] * len(subset)
+        mine = gen.sql[:n_real]  # the filler rows' outputs are dropped
+        preds: list[str | None] = [None] * len(subset)
         if world > 1:
             gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, gen.sql)
+            dist.all_gather_object(gathered, mine)
             for r, part in enumerate(gathered):
                 for j, sql in enumerate(part):
                     preds[r + j * world] = sql
         else:
-            preds = gen.sql
-        result = score(subset, preds, timeout_s=hp.eval.timeout_s, gold_cache=gold_cache)
+            preds = list(mine)
+        judged = sum(p is not None for p in preds)
+        result = score(
+            subset, [p or "" for p in preds], timeout_s=hp.eval.timeout_s, gold_cache=gold_cache
+        )
         o = result.overall
         return {
             "execution_accuracy": o.exec_accuracy,
@@ -190,6 +225,7 @@ def build_generation_metrics(
             "executable_rate": o.executable_rate,
             "valid_sql_rate": o.valid_sql_rate,
             "bleu": o.bleu,
+            "judged_samples": float(judged),
         }
 
     return metrics

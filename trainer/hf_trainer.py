@@ -432,6 +432,29 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
             mid = min(cuts, key=lambda c: abs(c - len(b) / 2)) if cuts else len(b) // 2
             batches[j : j + 1] = [b[:mid], b[mid:]]
         return batches
+def uses_liger_forward(model: Any, *, fused: bool = False) -> bool:
+    """Whether ``model``'s causal-LM forward was replaced by Liger's (``use_liger_kernel``).
+
+    ``fused``: and Liger's fused linear cross-entropy can compute the loss there: a Triton
+    kernel, so the LM head must be on a GPU; and it reads the head's weight directly, so not
+    under ZeRO-3, whose partitioned weight only the head's own forward gathers. Otherwise the
+    loss comes from logits at the completion positions, computed by Liger's forward too.
+    """
+    base = model
+    while hasattr(base, "module"):  # DDP / DeepSpeed engine
+        base = base.module
+    if hasattr(base, "get_base_model"):  # peft
+        base = base.get_base_model()
+    forward = getattr(base, "forward", None)
+    module = getattr(getattr(forward, "__func__", forward), "__module__", "") or ""
+    if not module.startswith("liger_kernel"):
+        return False
+    return not fused or _fused_loss_possible(base)
+
+
+def _fused_loss_possible(model: Any) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and head.weight.is_cuda and not hasattr(head.weight, "ds_id")
 
 
 class Text2SqlTrainer(Trainer):
@@ -552,9 +575,39 @@ class Text2SqlTrainer(Trainer):
                 "segment attention: rows would attend to each other"
             )
         keep, targets = completion_targets(labels)
-        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        if uses_liger_forward(model):
+            # Liger's forward slices ``hidden_states[:, logits_to_keep, :]``: it takes an int
+            # or 1-D positions, not transformers' 2-D mask. Keep the columns any row needs,
+            # then the rows' own positions.
+            cols = keep.any(dim=0).nonzero()[:, 0]
+            outputs = model(**inputs, logits_to_keep=cols, use_cache=False, skip_logits=False)
+            logits = outputs.logits[keep[:, cols]]
+        else:
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
         return logits, targets, keep
+
+    def _fused_loss_sum(
+        self, model: Any, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of the completion tokens' cross-entropy by Liger's fused linear cross-entropy:
+        the LM head and the loss in chunks, no logits kept (training only: no predictions)."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        keep, targets = completion_targets(labels)
+        cols = keep.any(dim=0).nonzero()[:, 0]
+        shift = torch.full_like(labels, IGNORE_INDEX)
+        shift[:, :-1] = labels[:, 1:]
+        outputs = model(
+            **inputs,
+            logits_to_keep=cols,
+            shift_labels=shift[:, cols].contiguous(),
+            skip_logits=True,
+            # Liger divides its "sum" reduction by this: 1 gives the sum itself.
+            num_items_in_batch=1,
+            use_cache=False,
+        )
+        return outputs.loss, targets
 
     def compute_loss(
         self,
@@ -563,8 +616,12 @@ class Text2SqlTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        logits, targets, _ = self._completion_forward(model, inputs)
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if model.training and not return_outputs and uses_liger_forward(model, fused=True):
+            logits = None
+            loss_sum, targets = self._fused_loss_sum(model, inputs)
+        else:
+            logits, targets, _ = self._completion_forward(model, inputs)
+            loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         if num_items_in_batch is not None:
             # Same normalisation as the model's own loss with `num_items_in_batch`: a sum over
             # the whole accumulated (and, across devices, global) batch, so gradient
@@ -601,6 +658,10 @@ class Text2SqlTrainer(Trainer):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         if self.generation_metrics is not None and prefix == "eval":
-            extra = self.generation_metrics(self.model)
+            # Generate in the training precision (bf16 autocast over fp32 master weights or
+            # fp32 adapters). accelerate puts autocast on the top module's forward only, which
+            # `generate` on a peft model bypasses; this covers every engine.
+            with self.accelerator.autocast():
+                extra = self.generation_metrics(self.model)
             output.metrics.update({f"{prefix}_{k}": v for k, v in extra.items()})
         return output

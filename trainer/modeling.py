@@ -181,7 +181,9 @@ def quantization_config(method: str, quant: QuantizationArgs | None) -> Any:
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
-        # Keep norms/embeddings in the compute dtype (not fp32) as the QLoRA paper does.
+        # The packed 4-bit weights are stored in a tensor of the compute dtype (the same
+        # bytes; lets sharding wrappers treat every parameter alike). The norms, embeddings
+        # and LM head load in the compute dtype via `dtype` (load_model) and stay there.
         bnb_4bit_quant_storage=torch_dtype(quant.compute_dtype),
     )
 
@@ -286,22 +288,28 @@ def apply_adapter(
     activation_checkpointing: bool = False,
     quantized: bool = False,
 ) -> Any:
-    """Resize embeddings for added tokens, enable activation checkpointing, wrap with LoRA."""
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    """Resize embeddings for added tokens, enable activation checkpointing, wrap with LoRA.
+
+    A 4-bit model (QLoRA) takes the same path: its frozen norms, embeddings and LM head stay
+    in the compute dtype (bf16) and checkpointing is non-reentrant. peft's
+    ``prepare_model_for_kbit_training`` is deliberately not used: it casts every non-4-bit
+    parameter to fp32 (so the residual stream, and every checkpointed layer input, becomes
+    fp32: twice the activation memory, fp32 norms and a 1 GB fp32 LM head on Mistral-7B) and
+    enables reentrant checkpointing, which needs the embedding outputs to require grad.
+    """
+    if tokenizer is not None and len(tokenizer) > embedding_rows(model):
         model.resize_token_embeddings(len(tokenizer))
     if quantized:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=activation_checkpointing
-        )
+        # What prepare_model_for_kbit_training does besides the casts: freeze the base.
+        for p in model.parameters():
+            p.requires_grad_(False)
     if activation_checkpointing:
         model.config.use_cache = False
     if lora_cfg is not None:
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_cfg)
-    if activation_checkpointing and not quantized:
+    if activation_checkpointing:
         # Enabled after the adapter so PEFT adds no hook of its own. Non-reentrant
         # checkpointing gets parameter gradients without the layer inputs requiring grad, so
         # the hook transformers adds (embedding outputs require grad) is removed again: it
@@ -316,7 +324,21 @@ def apply_adapter(
     return model
 
 
+def _numel(p: Any) -> int:
+    # ZeRO-3 partitions parameters at load time (zero.Init): the local tensor is empty and
+    # DeepSpeed keeps the real size in ``ds_numel`` / ``ds_shape``.
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def embedding_rows(model: Any) -> int:
+    """Rows of the input embedding (the vocabulary it can embed), also under ZeRO-3."""
+    weight = model.get_input_embeddings().weight
+    shape = getattr(weight, "ds_shape", None)
+    return int(shape[0]) if shape is not None else int(weight.shape[0])
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameters, counted at their full size under ZeRO-3."""
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     return trainable, total
