@@ -118,6 +118,7 @@ def write_experiment(
     lr: float = 5e-3,
     live: bool = False,
     extra_method_block: str | None = None,
+    description: str | None = None,
 ) -> Path:
     block = extra_method_block
     if block is None:
@@ -126,19 +127,20 @@ def write_experiment(
             if method in ("lora", "qlora")
             else ""
         )
-    path.write_text(
-        TINY_EXPERIMENT.format(
-            name=name,
-            slots=slots,
-            entrypoint=entrypoint,
-            model=str(model_dir),
-            method=method,
-            method_block=block,
-            steps=steps,
-            eval_steps=eval_steps or steps,
-            save_steps=save_steps or steps,
-            lr=lr,
-            live=str(live).lower(),
-        )
+    text = TINY_EXPERIMENT.format(
+        name=name,
+        slots=slots,
+        entrypoint=entrypoint,
+        model=str(model_dir),
+        method=method,
+        method_block=block,
+        steps=steps,
+        eval_steps=eval_steps or steps,
+        save_steps=save_steps or steps,
+        lr=lr,
+        live=str(live).lower(),
     )
+    if description is not None:
+        text = text.replace(f"name: {name}\n", f"name: {name}\ndescription: {description}\n", 1)
+    path.write_text(text)
     return path

@@ -54,6 +54,10 @@ class RunEnv:
     is_chief: bool = True
     progress: bool = True
     searcher_metric: str | None = None
+    # Called on the chief with the prepared data, before the model loads (live MLflow datasets).
+    on_data: list[Callable[[PreparedData], None]] = field(default_factory=list)
+    # Where the code came from (git state, experiment YAML), stored in every checkpoint.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +241,8 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
             r["dropped_too_long_test"],
             r["cache"],
         )
+        for listener in env.on_data:
+            listener(data)
     # TrainingArguments first: with a ZeRO-3 config they switch on sharded model loading.
     args = build_training_args(hp, env)
     model = build_model(hp, tokenizer)
@@ -250,7 +256,9 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
             f"{total:,}",
             100 * trainable / total,
         )
-    env.callbacks.insert(0, CheckpointManifest(hp, data, env.experiment_config))
+    env.callbacks.insert(
+        0, CheckpointManifest(hp, data, env.experiment_config, provenance=env.provenance)
+    )
     trainer = build_trainer(hp, model, tokenizer, data, args, env)
     t0 = time.perf_counter()
     # The trainer's own args (build_training_args may be replaced, e.g. in tests).
@@ -339,16 +347,23 @@ def prepare(hp: Hyperparameters, *, deepspeed: str | None = None) -> dict[str, A
 
 class CheckpointManifest(TrainerCallback):
     """Writes ``text2sql.json`` into every checkpoint: resolved hyperparameters, experiment
-    config, prompt format and data fingerprint, so a checkpoint can be evaluated, mirrored or
-    reproduced without the run that made it."""
+    config, prompt format, data fingerprint and code provenance (git commit, experiment YAML),
+    so a checkpoint can be evaluated, mirrored or reproduced without the run that made it."""
 
-    def __init__(self, hp: Hyperparameters, data: PreparedData, config: dict[str, Any]):
+    def __init__(
+        self,
+        hp: Hyperparameters,
+        data: PreparedData,
+        config: dict[str, Any],
+        provenance: dict[str, Any] | None = None,
+    ):
         self.manifest = {
             "hyperparameters": asdict(hp),
             "experiment_config": config,
             "format_plan": asdict(data.plan),
             "data_report": data.report,
             "versions": _versions(),
+            "provenance": provenance or {},
         }
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -449,6 +464,7 @@ def run_on_cluster(info: Any) -> dict[str, Any]:
     """On a Determined cluster: Core API context + (fixed) DetCallback."""
     import determined as det
 
+    from cluster.mlflow_lineage import code_provenance
     from trainer.callbacks import fixed_det_callback_class
 
     hp = parse_hyperparameters(info.trial.hparams)
@@ -469,6 +485,7 @@ def run_on_cluster(info: Any) -> dict[str, Any]:
         is_chief=distributed.rank == 0,
         progress=False,
         searcher_metric=config.get("searcher", {}).get("metric"),
+        provenance=code_provenance() if distributed.rank == 0 else {},
     )
     with det.core.init(distributed=distributed) as core_context:
         args = build_training_args(hp, env)
@@ -484,6 +501,14 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
     import determined as det
     import yaml
 
+    from cluster.mlflow_lineage import (
+        EXPERIMENT_KIND,
+        EXPERIMENT_KIND_TAG,
+        checkpoint_lineage_tags,
+        code_provenance,
+        dataset_inputs,
+        source_formats,
+    )
     from trainer.callbacks import (
         LocalRunCallback,
         MlflowLiveLogger,
@@ -521,6 +546,7 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
                 "resuming from checkpoint %s (step %s)", latest["uuid"], latest["steps_completed"]
             )
     info = trial.info()
+    provenance = code_provenance(info.get("experiment_file")) if is_chief else {}
     mlflow_logger = None
     if is_chief and hp.mlflow.log_during_training:
         configure_quiet_mlflow_http()
@@ -531,8 +557,14 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
             exp_name,
             run_id=info.get("mlflow_run_id"),
             run_name=f"{config.get('name', 'experiment')}-trial-{trial.trial_id}",
-            tags={"text2sql.trial_dir": str(trial.path), "text2sql.source": "local"},
+            tags={
+                "text2sql.trial_dir": str(trial.path),
+                "text2sql.source": "local",
+                # The same description / source / git tags the mirror sets on this run.
+                **checkpoint_lineage_tags(config, {"determined.master": "local"}, provenance),
+            },
             params=flatten_params(hp),
+            experiment_tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     ckpt_policy = config.get("checkpoint_storage") or {}
     preemption = PreemptionWatcher().install()
@@ -544,7 +576,11 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
         is_chief=is_chief,
         progress=progress and is_chief,
         searcher_metric=metric,
+        provenance=provenance,
     )
+    if mlflow_logger is not None:
+        logger, formats = mlflow_logger, source_formats(hp)
+        env.on_data.append(lambda data: logger.log_inputs(dataset_inputs(data.report, formats)))
     with det.core.init(
         distributed=distributed, checkpoint_storage=str(trial.checkpoints_dir)
     ) as core_context:
