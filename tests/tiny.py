@@ -6,6 +6,7 @@ cached) so chat formats and masks are the real ones; only the network is tiny.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,7 @@ def write_experiment(
         live=str(live).lower(),
     )
     if description is not None:
-        text = text.replace(f"name: {name}\n", f"name: {name}\ndescription: {description}\n", 1)
+        quoted = json.dumps(description)  # a JSON string is a YAML string
+        text = text.replace(f"name: {name}\n", f"name: {name}\ndescription: {quoted}\n", 1)
     path.write_text(text)
     return path

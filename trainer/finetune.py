@@ -256,9 +256,7 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
             f"{total:,}",
             100 * trainable / total,
         )
-    env.callbacks.insert(
-        0, CheckpointManifest(hp, data, env.experiment_config, provenance=env.provenance)
-    )
+    env.callbacks.insert(0, CheckpointManifest(hp, data, env.experiment_config, env.provenance))
     trainer = build_trainer(hp, model, tokenizer, data, args, env)
     t0 = time.perf_counter()
     # The trainer's own args (build_training_args may be replaced, e.g. in tests).
