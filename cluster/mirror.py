@@ -16,6 +16,10 @@ report, the run's params ``decoding.*``, the model's metadata and its ``text2sql
 The round trip feeds both sides what a client sends (question + schema): with execution
 guidance, the evaluation itself runs candidates on a Spider row's real database, which the
 served model does not have (it uses an empty database built from the schema).
+
+What MLflow's UI then shows besides params and metrics -- datasets, description, source and git
+commit, Determined links (`cluster.mlflow_lineage`), base vs fine-tuned evaluation runs and the
+metrics on the logged model (`cluster.mlflow_eval`) -- is logged by those two modules.
 """
 
 from __future__ import annotations
@@ -269,6 +273,15 @@ def mirror(
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from cluster.mlflow_eval import log_evaluations
+    from cluster.mlflow_lineage import (
+        checkpoint_lineage_tags,
+        dataset_inputs,
+        ensure_experiment_kind,
+        link_model_version,
+        source_formats,
+        split_dataset,
+    )
     from cluster.mlflow_model import (
         Text2SqlModel,
         build_model_dir,
@@ -276,7 +289,12 @@ def mirror(
         pip_requirements,
         signature,
     )
-    from evaluation.checkpoint_eval import compare_models, load_checkpoint, summary_table
+    from evaluation.checkpoint_eval import (
+        compare_models,
+        load_checkpoint,
+        read_manifest,
+        summary_table,
+    )
     from evaluation.generation import generate_sql
     from evaluation.report import describe_decoding, log_report_to_mlflow, write_report
 
@@ -285,6 +303,9 @@ def mirror(
     client = MlflowClient(tracking_uri=tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     exp_id = ensure_experiment(client, experiment_name, tracking_uri)
+    with_retries(
+        lambda: ensure_experiment_kind(client, exp_id), "setting the experiment type", tracking_uri
+    )
 
     run = find_run(client, exp_id, info.uuid, tracking_uri)
     if run is None and reuse_run_id:
@@ -341,17 +362,28 @@ def mirror(
             tracking_uri,
         )
 
-    # ---- tags + params ------------------------------------------------------------------
+    # ---- tags + params + datasets ---------------------------------------------------------
+    manifest = read_manifest(ckpt_dir)
+    data_report = manifest.get("data_report") or {}
+    formats = source_formats(info.hparams)
     tags = {
         TAG_UUID: info.uuid,
         **{k: str(v) for k, v in links.items()},
         "determined.steps_completed": str(info.steps_completed),
+        # Description, source + git commit, Determined links (cluster/mlflow_lineage.py).
+        **checkpoint_lineage_tags(info.experiment_config or {}, links, manifest.get("provenance")),
     }
     with_retries(
         lambda: [client.set_tag(run_id, k, v) for k, v in tags.items()],
         "tagging the run",
         tracking_uri,
     )
+    if data_report:
+        with_retries(
+            lambda: client.log_inputs(run_id, datasets=dataset_inputs(data_report, formats)),
+            "logging the datasets",
+            tracking_uri,
+        )
     if "params" not in done:
         params = scrub(flatten("", info.hparams, {}))
         cfg = {k: v for k, v in (info.experiment_config or {}).items() if k != "hyperparameters"}
@@ -473,7 +505,9 @@ def mirror(
         def log_model() -> str:
             with mlflow.start_run(run_id=run_id):
                 info_ = mlflow.pyfunc.log_model(
-                    name="model",
+                    # The LoggedModel's name in the experiment's model list, beside the
+                    # evaluation run of the same name and the base model (cluster/mlflow_eval.py).
+                    name=f"fine-tuned-{info.uuid[:8]}",
                     python_model=Text2SqlModel(),
                     artifacts=artifacts,
                     code_paths=code_paths(),
@@ -525,10 +559,50 @@ def mirror(
         f"({describe_decoding(comparison.decoding)}) on {n_rt}/{n_rt} held-out prompts"
     )
 
+    # ---- MLflow evaluation runs: base and fine-tuned, judged by our judge -----------------
+    decoding = {
+        "decoding": describe_decoding(comparison.decoding),
+        "max_new_tokens": loaded.hp.eval.max_new_tokens,
+    }
+    evaluations = with_retries(
+        lambda: log_evaluations(
+            client,
+            tracking_uri=tracking_uri,
+            experiment_id=exp_id,
+            training_run_id=run_id,
+            uuid=info.uuid,
+            examples=examples,
+            results=comparison.results,
+            dataset=split_dataset(data_report, "test", formats=formats, rows=len(examples)),
+            model_ids={"fine-tuned": model_uri.split("/", 1)[1]}
+            if model_uri.startswith("models:/m-")
+            else {},
+            params={
+                "base": {"model": loaded.hp.model.name_or_path, **decoding},
+                "fine-tuned": {
+                    "model": f"{loaded.hp.model.name_or_path} + {loaded.hp.method}",
+                    "checkpoint": info.uuid,
+                    **decoding,
+                },
+            },
+            base_name=loaded.hp.model.name_or_path,
+        ),
+        "logging the MLflow evaluation runs",
+        tracking_uri,
+    )
+
     # ---- register + champion alias ------------------------------------------------------
     version = _register(
         client, registered_model_name, model_uri, run_id, info.uuid, ft.exec_accuracy, tracking_uri
     )
+    if model_uri.startswith("models:/m-"):
+        with_retries(
+            lambda: link_model_version(
+                client, model_uri.split("/", 1)[1], registered_model_name, version
+            ),
+            "linking the model to its registered version",
+            tracking_uri,
+        )
     champion = _maybe_promote(
         client, registered_model_name, version, ft.exec_accuracy, alias, tracking_uri
     )
@@ -538,6 +612,8 @@ def mirror(
         f"\n{table}\n\nreport: {paths['markdown']}\nchart:  {paths['png']}\n"
         f"MLflow: run {run_id}, model {registered_model_name} version {version}"
         + (f" (alias '{alias}')" if champion else "")
+        + "\nMLflow evaluation runs: "
+        + ", ".join(f"{e.label} {e.run_id}" for e in evaluations.values())
     )
     return MirrorResult(
         run_id, model_uri, version, champion, tracking_uri, skipped=False, summary=summary

@@ -38,6 +38,7 @@ BIN = Path(sys.executable).parent
 NAME = "tiny"  # experiment + registered model name (the tiny YAML's `name`)
 MAX_NEW_TOKENS = 12  # tiny YAML's eval.max_new_tokens
 STEPS = 20
+DESCRIPTION = "Tiny LoRA on Spider + sql-create-context (MLflow server test)"
 # Generous: on a loaded 2-core machine one `text2sql run` (train + mirror) took > 15 min.
 TIMEOUT_S = float(os.environ.get("TEXT2SQL_SLOW_TIMEOUT_S", "3600"))
 
@@ -179,7 +180,13 @@ def trained(workdir: Path, server: MlflowServer) -> Trained:
     """``text2sql run`` of the tiny LoRA experiment, pointed at the server by the env var."""
     model_dir = tiny.make_tiny_model(workdir / "tiny-llama")
     exp = tiny.write_experiment(
-        workdir / "exp.yaml", model_dir, name=NAME, steps=STEPS, lr=3e-2, live=True
+        workdir / "exp.yaml",
+        model_dir,
+        name=NAME,
+        steps=STEPS,
+        lr=3e-2,
+        live=True,
+        description=DESCRIPTION,
     )
     t0 = time.monotonic()
     r = text2sql(
@@ -243,8 +250,8 @@ def test_run_mirrors_into_the_server(trained: Trained, server: MlflowServer) -> 
     client = MlflowClient(tracking_uri=server.url)
     exp = client.get_experiment_by_name(NAME)
     assert exp is not None
-    runs = client.search_runs([exp.experiment_id])
-    # One run: the live training run, reused by the mirror.
+    runs = training_runs(client, exp.experiment_id)
+    # One training run: the live one, reused by the mirror (beside the evaluation runs).
     assert [r.info.run_id for r in runs] == [info["mlflow_run_id"]]
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -270,6 +277,82 @@ def test_run_mirrors_into_the_server(trained: Trained, server: MlflowServer) -> 
     assert versions[0].tags["text2sql.checkpoint_uuid"] == uuid
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     assert run.data.tags["text2sql.stage.registered"] == "1"
+
+
+def test_mlflow_views_then_a_second_mirror_changes_nothing(
+    workdir: Path, trained: Trained, server: MlflowServer
+) -> None:
+    """Issue 17: what the MLflow UI shows -- datasets, description, source and git commit on
+    the training run; base and fine-tuned evaluation runs with a trace and verdicts per
+    example; the judge's metrics on the registered version's model -- and `text2sql mirror`
+    run again leaves every one of them as it was."""
+    from mlflow.tracking import MlflowClient
+
+    import cluster
+    from cluster.mlflow_eval import TABLE, find_evaluation_runs, run_traces
+
+    client = MlflowClient(tracking_uri=server.url)
+    exp = client.get_experiment_by_name(NAME)
+    exp_id = exp.experiment_id
+    assert exp.tags["mlflow.experimentKind"] == "genai_development"
+    (run,) = training_runs(client, exp_id)
+    run = client.get_run(run.info.run_id)
+    ckpt = best_checkpoint(trained.trial)
+    report = json.loads((ckpt / "text2sql.json").read_text())["data_report"]
+    datasets = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(datasets) == [
+        f"spider+sql-create-context/{s}" for s in ("test", "train", "valid")
+    ]
+    for split, context in (("train", "training"), ("valid", "validation"), ("test", "test")):
+        d = datasets[f"spider+sql-create-context/{split}"]
+        assert d.dataset.digest == report["cache_key"]
+        assert json.loads(d.dataset.profile) == {"num_rows": report[f"n_{split}"]}
+        assert [(t.key, t.value) for t in d.tags] == [("mlflow.data.context", context)]
+    tags = run.data.tags
+    assert tags["mlflow.note.content"].startswith(DESCRIPTION)
+    assert tags["mlflow.source.name"] == str((workdir / "exp.yaml").resolve())
+    head = subprocess.run(
+        ["git", "-C", str(Path(cluster.__file__).parent), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert tags.get("mlflow.source.git.commit", "") == head
+
+    n = min(20, report["n_test"])  # --set eval.test_samples=20
+    evals = find_evaluation_runs(client, exp_id, ckpt.name)
+    assert sorted(evals) == ["base", "fine-tuned"]
+    for label, ev in evals.items():
+        ev = client.get_run(ev.info.run_id)
+        assert ev.info.status == "FINISHED"
+        (d,) = ev.inputs.dataset_inputs
+        assert d.dataset.digest == report["cache_key"]
+        assert json.loads(d.dataset.profile) == {"num_rows": n}
+        # The same judge as the report's figures on the training run.
+        assert ev.data.metrics["execution_accuracy"] == run.data.metrics[f"{label}_exec_accuracy"]
+        assert ev.data.metrics["execution_accuracy/mean"] == pytest.approx(
+            run.data.metrics[f"{label}_exec_accuracy"]
+        )
+        traces = run_traces(client, exp_id, ev.info.run_id)
+        assert sorted(int(t.info.tags["example"]) for t in traces) == list(range(n))
+        for t in traces:
+            names = {a.name for a in t.info.assessments}
+            assert {"expected_response", "exact_match", "executable", "valid_sql"} <= names
+        table = json.loads(Path(client.download_artifacts(ev.info.run_id, TABLE)).read_text())
+        assert len(table["data"]) == n
+        assert table["columns"][:5] == ["example", "question", "gold", "prediction", "verdict"]
+    version = client.get_model_version(NAME, "1")
+    model = client.get_logged_model(version.source.split("/", 1)[1])
+    on_model = {m.key: m.value for m in model.metrics}
+    assert on_model["execution_accuracy"] == run.data.metrics["fine-tuned_exec_accuracy"]
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": NAME, "version": 1}]
+
+    before = store_snapshot(client, exp_id, NAME)
+    r = text2sql(
+        ["mirror", "--trial-dir", str(trained.trial), "--no-progress"], cli_env(server), workdir
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "nothing to do" in r.stdout
+    assert store_snapshot(client, exp_id, NAME) == before
 
 
 def test_pyfunc_from_alias_round_trips_20_prompts(
@@ -433,6 +516,63 @@ def test_truncated_checkpoint_is_refused(
     assert client.search_model_versions("name='tiny-truncated'") == []
 
 
+def training_runs(client: Any, experiment_id: str) -> list[Any]:
+    """The experiment's runs that are not MLflow evaluation runs (cluster/mlflow_eval.py)."""
+    runs = client.search_runs([experiment_id])
+    return [r for r in runs if "text2sql.evaluation.model" not in r.data.tags]
+
+
+def store_snapshot(client: Any, exp_id: str, model_name: str) -> dict[str, Any]:
+    """Everything a viewer could see: runs (tags, params, metric histories, inputs, outputs),
+    traces with assessments, logged models with metrics, registered versions."""
+    from cluster.mlflow_eval import run_traces
+
+    out: dict[str, Any] = {"experiment": client.get_experiment(exp_id).tags}
+    runs = client.search_runs([exp_id])
+    for r in sorted(runs, key=lambda r: r.info.run_id):
+        full = client.get_run(r.info.run_id)
+        out[f"run {r.info.run_id}"] = {
+            "status": full.info.status,
+            "tags": full.data.tags,
+            "params": full.data.params,
+            "metrics": {
+                k: [
+                    (m.step, m.value, m.timestamp)
+                    for m in client.get_metric_history(r.info.run_id, k)
+                ]
+                for k in sorted(full.data.metrics)
+            },
+            "inputs": sorted(
+                (d.dataset.name, d.dataset.digest, d.dataset.source, d.dataset.profile)
+                for d in full.inputs.dataset_inputs
+            ),
+            "models_in": sorted(m.model_id for m in full.inputs.model_inputs),
+            "models_out": sorted(m.model_id for m in (full.outputs.model_outputs or [])),
+            "artifacts": sorted(a.path for a in client.list_artifacts(r.info.run_id)),
+            "traces": sorted(
+                (
+                    t.info.trace_id,
+                    t.info.tags.get("example"),
+                    tuple(sorted((a.name, str(a.value)) for a in t.info.assessments)),
+                )
+                for t in run_traces(client, exp_id, r.info.run_id)
+            ),
+        }
+    for m in client.search_logged_models([exp_id]):
+        out[f"model {m.model_id}"] = {
+            "name": m.name,
+            "tags": m.tags,
+            "metrics": sorted((x.key, x.value, x.run_id, x.dataset_name) for x in m.metrics),
+        }
+    out["versions"] = sorted(
+        (v.name, str(v.version), v.source, v.run_id, tuple(sorted(v.tags.items())))
+        for v in client.search_model_versions(f"name='{model_name}'")
+    )
+    out["aliases"] = client.get_registered_model(model_name).aliases
+    out["deleted runs"] = len(client.search_runs([exp_id], run_view_type=2))  # DELETED_ONLY
+    return out
+
+
 def _all_runs(client: Any) -> set[str]:
     exps = client.search_experiments()
     return {r.info.run_id for r in client.search_runs([e.experiment_id for e in exps])}
@@ -508,7 +648,7 @@ def test_server_down_mid_mirror_then_rerun_completes_once(
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client = MlflowClient(tracking_uri=server.url)
     exp = client.get_experiment_by_name("tiny-fault")
-    runs = client.search_runs([exp.experiment_id])
+    runs = training_runs(client, exp.experiment_id)
     assert len(runs) == 1
     versions = client.search_model_versions("name='tiny-fault'")
     assert [v.version for v in versions] == ["1"]
@@ -532,7 +672,7 @@ def test_server_down_mid_mirror_then_rerun_completes_once(
     # And once more: nothing to do, nothing duplicated.
     again = text2sql(args, env, workdir, timeout=TIMEOUT_S)
     assert again.returncode == 0 and "nothing to do" in again.stdout
-    assert len(client.search_runs([exp.experiment_id])) == 1
+    assert len(training_runs(client, exp.experiment_id)) == 1
     assert len(client.search_model_versions("name='tiny-fault'")) == 1
     print(
         f"fault: mirror failed {failed_after:.1f} s after the kill; "

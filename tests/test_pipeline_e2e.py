@@ -108,9 +108,15 @@ def test_mirror_to_mlflow_round_trip_identical(isolated: Path, tiny_llama: Path,
 
     from cluster.mirror import mirror_local_trial
 
-    exp = tiny.write_experiment(isolated / "exp.yaml", tiny_llama, steps=4, live=True)
+    exp = tiny.write_experiment(
+        isolated / "exp.yaml", tiny_llama, steps=4, live=True, description="Tiny e2e run"
+    )
     result = _train(exp, isolated / "runs")
     uri = f"sqlite:///{isolated / 'runs' / 'mlflow.db'}"
+    # Logged live, before any mirror: the three splits and the description.
+    live = MlflowClient(tracking_uri=uri).get_run(result.trial.info()["mlflow_run_id"])
+    assert len(live.inputs.dataset_inputs) == 3
+    assert live.data.tags["mlflow.note.content"] == "Tiny e2e run"
     mirrored = mirror_local_trial(result.trial.path, progress=False)
     assert mirrored.tracking_uri == uri and mirrored.version == "1" and mirrored.champion
     client = MlflowClient(tracking_uri=uri)
@@ -124,7 +130,6 @@ def test_mirror_to_mlflow_round_trip_identical(isolated: Path, tiny_llama: Path,
     assert run.data.params["method"] == "lora"
     mv = client.get_model_version_by_alias("tiny", "champion")
     assert str(mv.version) == "1"
-
     # Loading the registered version reproduces the in-memory model's greedy SQL exactly.
     from evaluation.checkpoint_eval import load_checkpoint, test_examples
     from evaluation.generation import generate_sql
@@ -142,7 +147,38 @@ def test_mirror_to_mlflow_round_trip_identical(isolated: Path, tiny_llama: Path,
                                        for e in examples]), params={"max_new_tokens": 12})
     assert list(got) == expected
 
+    # What the MLflow UI shows (issue 17): the splits as datasets, a GenAI experiment whose
+    # "Evaluation runs" hold base and fine-tuned, the judge's figures on the logged model.
+    from cluster.mlflow_eval import find_evaluation_runs, run_traces
+
+    exp_id = run.info.experiment_id
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "genai_development"
+    assert sorted(d.dataset.name.rsplit("/", 1)[1] for d in run.inputs.dataset_inputs) == [
+        "test",
+        "train",
+        "valid",
+    ]
+    manifest = json.loads((loaded.path / "text2sql.json").read_text())
+    digests = {d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert digests == {manifest["data_report"]["cache_key"]}
+    assert run.data.tags["mlflow.note.content"].startswith("Tiny e2e run")
+    assert run.data.tags["mlflow.source.name"] == str(exp.resolve())
+    git = manifest["provenance"]["git"]  # recorded by the trainer, in the checkpoint
+    assert run.data.tags.get("mlflow.source.git.commit") == git.get("mlflow.source.git.commit")
+    uuid = run.data.tags["text2sql.checkpoint_uuid"]
+    evals = find_evaluation_runs(client, exp_id, uuid)
+    assert sorted(evals) == ["base", "fine-tuned"]
+    for ev in evals.values():
+        assert ev.info.status == "FINISHED"
+        assert len(run_traces(client, exp_id, ev.info.run_id)) == len(examples)
+    model = client.get_logged_model(mv.source.split("/", 1)[1])
+    assert model.name == f"fine-tuned-{uuid[:8]}"
+    on_model = {m.key: m.value for m in model.metrics}
+    assert on_model["execution_accuracy"] == run.data.metrics["fine-tuned_exec_accuracy"]
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "tiny", "version": 1}]
+
     # Re-running changes nothing: no new run, no new version.
     again = mirror_local_trial(result.trial.path, progress=False)
     assert again.skipped and again.run_id == mirrored.run_id
     assert len(client.search_model_versions("name='tiny'")) == 1
+    assert len(client.search_runs([exp_id])) == 3  # training + base and fine-tuned evaluations

@@ -6,6 +6,7 @@ cached) so chat formats and masks are the real ones; only the network is tiny.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,7 @@ def write_experiment(
     lr: float = 5e-3,
     live: bool = False,
     extra_method_block: str | None = None,
+    description: str | None = None,
 ) -> Path:
     block = extra_method_block
     if block is None:
@@ -126,19 +128,21 @@ def write_experiment(
             if method in ("lora", "qlora")
             else ""
         )
-    path.write_text(
-        TINY_EXPERIMENT.format(
-            name=name,
-            slots=slots,
-            entrypoint=entrypoint,
-            model=str(model_dir),
-            method=method,
-            method_block=block,
-            steps=steps,
-            eval_steps=eval_steps or steps,
-            save_steps=save_steps or steps,
-            lr=lr,
-            live=str(live).lower(),
-        )
+    text = TINY_EXPERIMENT.format(
+        name=name,
+        slots=slots,
+        entrypoint=entrypoint,
+        model=str(model_dir),
+        method=method,
+        method_block=block,
+        steps=steps,
+        eval_steps=eval_steps or steps,
+        save_steps=save_steps or steps,
+        lr=lr,
+        live=str(live).lower(),
     )
+    if description is not None:
+        quoted = json.dumps(description)  # a JSON string is a YAML string
+        text = text.replace(f"name: {name}\n", f"name: {name}\ndescription: {quoted}\n", 1)
+    path.write_text(text)
     return path

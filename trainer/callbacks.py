@@ -89,7 +89,9 @@ class MlflowLiveLogger:
 
     Metrics are buffered; each flush is one quick attempt. When the tracking server is down the
     buffer is kept (and a warning printed once) and retried at the next report and at the end,
-    so a restarted server ends up with every metric, in order, with its step.
+    so a restarted server ends up with every metric, in order, with its step. Dataset inputs
+    (`log_inputs`) go through the same buffer; ``experiment_tags`` are set on an experiment
+    this logger creates.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class MlflowLiveLogger:
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
+        experiment_tags: dict[str, str] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
@@ -107,7 +110,9 @@ class MlflowLiveLogger:
         self.run_name = run_name
         self.tags = dict(tags or {})
         self.params = params or {}
+        self.experiment_tags = experiment_tags or {}
         self.buffer: list[tuple[str, float, int, int]] = []
+        self.inputs: list[Any] = []  # mlflow.entities.DatasetInput, not yet sent
         self._warned = False
         self._client: Any = None
         # The run is found by this tag if a create_run's reply was lost (the server made the
@@ -132,7 +137,9 @@ class MlflowLiveLogger:
                 exp.experiment_id
                 if exp
                 else self._client.create_experiment(
-                    self.experiment_name, artifact_location=artifact_location(self.tracking_uri)
+                    self.experiment_name,
+                    artifact_location=artifact_location(self.tracking_uri),
+                    tags=self.experiment_tags or None,
                 )
             )
             run = None
@@ -158,13 +165,21 @@ class MlflowLiveLogger:
         self.buffer.extend((k, v, ts, step) for k, v in metrics.items())
         self.flush()
 
+    def log_inputs(self, inputs: list[Any]) -> None:
+        """Record dataset inputs (``mlflow.entities.DatasetInput``) on the run."""
+        self.inputs.extend(inputs)
+        self.flush()
+
     def flush(self) -> bool:
-        if not self.buffer:
+        if not self.buffer and not self.inputs:
             return True
         from mlflow.entities import Metric
 
         try:
             self._ensure_run()
+            if self.inputs:
+                self._client.log_inputs(self.run_id, datasets=list(self.inputs))
+                self.inputs.clear()
             batch = [Metric(k, v, ts, step) for k, v, ts, step in self.buffer]
             for i in range(0, len(batch), 500):
                 self._client.log_batch(self.run_id, metrics=batch[i : i + 500])
@@ -177,10 +192,11 @@ class MlflowLiveLogger:
             if not self._warned:
                 log.warning(
                     "MLflow logging failed (%s: %s); training continues, %d metric values "
-                    "buffered for retry",
+                    "(and %d dataset inputs) buffered for retry",
                     type(e).__name__,
                     str(e).splitlines()[0][:200],
                     len(self.buffer),
+                    len(self.inputs),
                 )
                 self._warned = True
             return False
@@ -192,10 +208,11 @@ class MlflowLiveLogger:
             if self.flush():
                 break
             time.sleep(backoff_s * 2**attempt)
-        if self.buffer:
+        if self.buffer or self.inputs:
             log.warning(
                 "MLflow still unreachable at the end of training: %d metric values were not "
-                "sent to the live run (the trial's metrics.jsonl has them all)",
+                "sent to the live run (the trial's metrics.jsonl has them all; the mirror logs "
+                "the datasets)",
                 len(self.buffer),
             )
         try:

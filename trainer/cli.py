@@ -342,8 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="best checkpoint -> evaluate -> MLflow (run, model, version)",
         description="Find the best checkpoint (Determined SDK, or a local trial), "
         "verify its files, evaluate it against the base model, and mirror params, "
-        "metric history, report and the model into MLflow; register a version and "
-        "move the 'champion' alias if it wins. Re-running is a no-op. Credentials "
+        "metric history, datasets, description, git commit, report and the model into "
+        "MLflow, with one MLflow evaluation run per model (base, fine-tuned) judged by "
+        "execution; register a version and move the 'champion' alias if it wins. "
+        "Re-running is a no-op. Credentials "
         "come only from the environment (DET_USER/DET_PASS or `det user login`, "
         "MLFLOW_TRACKING_TOKEN...).",
     )

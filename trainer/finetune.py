@@ -57,6 +57,10 @@ class RunEnv:
     # Polled between the loading steps (on a cluster: the master's preemption signal); training
     # steps are the callbacks' business (FixedDetCallback, LocalRunCallback).
     should_stop: Callable[[], bool] = lambda: False
+    # Called on the chief with the prepared data, before the model loads (live MLflow datasets).
+    on_data: list[Callable[[PreparedData], None]] = field(default_factory=list)
+    # Where the code came from (git state, experiment YAML), stored in every checkpoint.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,6 +302,8 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
             r["dropped_too_long_test"],
             r["cache"],
         )
+        for listener in env.on_data:
+            listener(data)
     # TrainingArguments first: with a ZeRO-3 config they switch on sharded model loading.
     args = build_training_args(hp, env)
     model = build_model(hp, tokenizer)
@@ -313,7 +319,7 @@ def main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
             f"{total:,}",
             100 * trainable / total,
         )
-    env.callbacks.insert(0, CheckpointManifest(hp, data, env.experiment_config))
+    env.callbacks.insert(0, CheckpointManifest(hp, data, env.experiment_config, env.provenance))
     trainer = build_trainer(hp, model, tokenizer, data, args, env)
     t0 = time.perf_counter()
     # The trainer's own args (build_training_args may be replaced, e.g. in tests).
@@ -414,16 +420,23 @@ def prepare(hp: Hyperparameters, *, deepspeed: str | None = None) -> dict[str, A
 
 class CheckpointManifest(TrainerCallback):
     """Writes ``text2sql.json`` into every checkpoint: resolved hyperparameters, experiment
-    config, prompt format and data fingerprint, so a checkpoint can be evaluated, mirrored or
-    reproduced without the run that made it."""
+    config, prompt format, data fingerprint and code provenance (git commit, experiment YAML),
+    so a checkpoint can be evaluated, mirrored or reproduced without the run that made it."""
 
-    def __init__(self, hp: Hyperparameters, data: PreparedData, config: dict[str, Any]):
+    def __init__(
+        self,
+        hp: Hyperparameters,
+        data: PreparedData,
+        config: dict[str, Any],
+        provenance: dict[str, Any] | None = None,
+    ):
         self.manifest = {
             "hyperparameters": asdict(hp),
             "experiment_config": config,
             "format_plan": asdict(data.plan),
             "data_report": data.report,
             "versions": _versions(),
+            "provenance": provenance or {},
         }
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -521,6 +534,7 @@ def setup_logging(is_chief: bool) -> None:
 
 def run_on_cluster(info: Any) -> dict[str, Any]:
     """On a Determined cluster: Core API context + (fixed) DetCallback."""
+    from cluster.mlflow_lineage import code_provenance
     from trainer.callbacks import fixed_det_callback_class
     from trainer.det_wiring import core_init, distributed_context
 
@@ -537,6 +551,7 @@ def run_on_cluster(info: Any) -> dict[str, Any]:
         is_chief=rank == 0,
         progress=False,
         searcher_metric=config.get("searcher", {}).get("metric"),
+        provenance=code_provenance() if rank == 0 else {},
     )
     with core_init(distributed) as core_context:
         # A pause (or a higher-priority job) may arrive while the container installs, the data
@@ -559,6 +574,14 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
     """Off-cluster: Core API local context, run store, SIGTERM preemption, live MLflow."""
     import yaml
 
+    from cluster.mlflow_lineage import (
+        EXPERIMENT_KIND,
+        EXPERIMENT_KIND_TAG,
+        checkpoint_lineage_tags,
+        code_provenance,
+        dataset_inputs,
+        source_formats,
+    )
     from trainer.callbacks import (
         LocalRunCallback,
         MlflowLiveLogger,
@@ -589,6 +612,7 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
                 "resuming from checkpoint %s (step %s)", latest["uuid"], latest["steps_completed"]
             )
     info = trial.info()
+    provenance = code_provenance(info.get("experiment_file")) if is_chief else {}
     mlflow_logger = None
     if is_chief and hp.mlflow.log_during_training:
         configure_quiet_mlflow_http()
@@ -599,8 +623,14 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
             exp_name,
             run_id=info.get("mlflow_run_id"),
             run_name=f"{config.get('name', 'experiment')}-trial-{trial.trial_id}",
-            tags={"text2sql.trial_dir": str(trial.path), "text2sql.source": "local"},
+            tags={
+                "text2sql.trial_dir": str(trial.path),
+                "text2sql.source": "local",
+                # The same description / source / git tags the mirror sets on this run.
+                **checkpoint_lineage_tags(config, {"determined.master": "local"}, provenance),
+            },
             params=flatten_params(hp),
+            experiment_tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     ckpt_policy = config.get("checkpoint_storage") or {}
     preemption = PreemptionWatcher().install()
@@ -612,7 +642,11 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
         is_chief=is_chief,
         progress=progress and is_chief,
         searcher_metric=metric,
+        provenance=provenance,
     )
+    if mlflow_logger is not None:
+        logger, formats = mlflow_logger, source_formats(hp)
+        env.on_data.append(lambda data: logger.log_inputs(dataset_inputs(data.report, formats)))
     with core_init(distributed, checkpoint_storage=str(trial.checkpoints_dir)) as core_context:
         env.callbacks.append(
             LocalRunCallback(

@@ -139,6 +139,8 @@ def launch(
     import torch
 
     trial, resumed = prepare_trial(exp, runs_dir, new=new)
+    # The YAML the trial came from: the MLflow run's source (with the git commit).
+    trial.update_info(experiment_file=str(exp.path.resolve()))
     world = slots if slots is not None else local_world_size(exp)
     print(f"trial folder: {trial.path}" + (" (resuming)" if resumed else ""), flush=True)
     for note in exp.notes:
