@@ -339,6 +339,13 @@ def mirror(
         report_dir,
         title=f"{experiment_name}: checkpoint {info.uuid[:8]} vs base model",
     )
+    from evaluation.curves import plot_curves
+
+    curves = plot_curves(
+        source.metric_history(info),
+        report_dir / "curves.png",
+        title=f"{experiment_name}: trial {info.trial_id}",
+    )
     table = summary_table(comparison.results)
     ft = comparison.results["fine-tuned"].overall
     if "evaluation" not in done:
@@ -346,6 +353,8 @@ def mirror(
         def log_eval() -> None:
             with mlflow.start_run(run_id=run_id):
                 log_report_to_mlflow(paths, comparison.results)
+                if curves is not None:
+                    mlflow.log_artifact(str(curves), artifact_path="evaluation")
 
         with_retries(log_eval, "logging the evaluation report", tracking_uri)
         mark("evaluation")
@@ -404,7 +413,7 @@ def mirror(
 
     frame = pd.DataFrame([{"question": e.question, "context": e.context} for e in rt_examples])
     served = list(
-        loaded_back.predict(frame, params={"max_new_tokens": loaded.hp.eval.max_new_tokens})
+        loaded_back.predict(frame, params={"max_new_tokens": loaded.hp.eval.max_new_tokens})["sql"]
     )
     mismatches = [i for i, (a, b) in enumerate(zip(in_memory, served, strict=True)) if a != b]
     with_retries(
@@ -437,7 +446,8 @@ def mirror(
     with_retries(lambda: client.set_terminated(run_id, "FINISHED"), "closing the run", tracking_uri)
     summary = (
         f"\n{table}\n\nreport: {paths['markdown']}\nchart:  {paths['png']}\n"
-        f"MLflow: run {run_id}, model {registered_model_name} version {version}"
+        + (f"curves: {curves}\n" if curves is not None else "")
+        + f"MLflow: run {run_id}, model {registered_model_name} version {version}"
         + (f" (alias '{alias}')" if champion else "")
     )
     return MirrorResult(

@@ -17,8 +17,9 @@ custom              any; ``columns`` maps question/context/sql      --
 Resolution order for where rows come from: an explicit ``path`` (absolute, or relative to the
 local data directory, or to the current directory); else the format's default file inside the
 local data directory (``../shared/data`` beside the checkout, or ``$TEXT2SQL_DATA``) when it
-exists; else the HuggingFace Hub. Offline with none of them, one `UserError` says how to point
-the loader at local files.
+exists; else, for Spider (whose Hub copy has no databases), the official release archive,
+fetched once into ``$TEXT2SQL_CACHE/data`` (`dataset_utils.downloads`); else the HuggingFace
+Hub. Offline with none of them, one `UserError` says how to point the loader at local files.
 """
 
 from __future__ import annotations
@@ -416,6 +417,14 @@ def load_source(spec: SourceSpec, data_dir: Path | None = None) -> LoadedSource:
         candidate = base / info.local_default
         if candidate.exists():
             local = candidate.resolve()
+    if local is None and spec.path is None and spec.hub_id is None:
+        # No local copy: a dataset whose Hub copy is incomplete (Spider has no databases
+        # there) comes from its official release archive, fetched once into the cache.
+        from dataset_utils import downloads
+
+        official = downloads.for_format(spec.format)
+        if official is not None:
+            local = downloads.fetched_path(official) or downloads.fetch(official.name)
 
     database_dir = Path(spec.database_dir).expanduser() if spec.database_dir else None
     if database_dir is not None and not database_dir.is_absolute():

@@ -140,7 +140,7 @@ def test_mirror_to_mlflow_round_trip_identical(isolated: Path, tiny_llama: Path,
 
     got = pyfunc.predict(pd.DataFrame([{"question": e.question, "context": e.context}
                                        for e in examples]), params={"max_new_tokens": 12})
-    assert list(got) == expected
+    assert list(got["sql"]) == expected
 
     # Re-running changes nothing: no new run, no new version.
     again = mirror_local_trial(result.trial.path, progress=False)
