@@ -74,6 +74,16 @@ def check_push_args(repo_id: str | None) -> None:
         raise UserError("--push-to-hub needs a Hub token: set HF_TOKEN or run `hf auth login`")
 
 
+def portable_name(model_name: str) -> str:
+    """The base model's name for the record: a Hub id, never a path of this machine."""
+    if model_name in EMBEDDED_HUB_IDS:
+        return f"{EMBEDDED_HUB_IDS[model_name]} (Q4_1 GGUF, dequantized)"
+    local = Path(model_name).expanduser()
+    if local.exists() or model_name.startswith(("/", ".", "~")) or model_name.count("/") != 1:
+        return f"a local model folder named {local.name}"
+    return model_name
+
+
 def base_hub_id(model_name: str, override: str | None) -> tuple[str, str | None]:
     """(Hub id to write as the adapter's base, a note for the user or None)."""
     if override:
@@ -139,7 +149,7 @@ def export_checkpoint(
             # Where the base was loaded from on this machine says nothing elsewhere.
             model.config._name_or_path = ""
             model.save_pretrained(tmp, safe_serialization=True)
-            base_ref = EMBEDDED_HUB_IDS.get(hp.model.name_or_path, hp.model.name_or_path)
+            base_ref = portable_name(hp.model.name_or_path)
         tokenizer.save_pretrained(tmp)
         gen = _generation_config(model, tokenizer, loaded.plan, answerer.max_new_tokens)
         gen.save_pretrained(tmp)

@@ -15,8 +15,8 @@ Inputs: a DataFrame with ``question`` and, per row, the schema as SQL DDL (``sch
 older name ``context``) or a database (``db``: a SQLite path or an SQLAlchemy URL, opened
 read-only; its schema is read and rendered as in training). Params: ``execute`` (run the SQL
 on ``db``: read-only, sandboxed, time-limited), ``max_rows`` (rows returned), and
-``max_new_tokens``, ``repetition_penalty``, ``return_full_text`` (as in the MLflow QLoRA
-tutorial). Output: a DataFrame, one row per question, with ``sql`` (prompt + SQL with
+``max_new_tokens`` (0, the default: the model's own, as it was evaluated), ``repetition_penalty``,
+``return_full_text`` (as in the MLflow QLoRA tutorial). Output: a DataFrame, one row per question, with ``sql`` (prompt + SQL with
 ``return_full_text``) and, with ``execute``, ``columns``, ``rows`` and ``error`` (None when
 the query ran). The work is done by `evaluation.answer.SqlAnswerer`, as for `text2sql ask`.
 """
@@ -31,7 +31,10 @@ from typing import Any
 import mlflow.pyfunc
 
 DEFAULT_PARAMS = {
-    "max_new_tokens": 128,
+    # 0: the model's own setting (its eval.max_new_tokens). MLflow fills every parameter of the
+    # signature with its default before calling predict, so a fixed default here would
+    # silently override the model's.
+    "max_new_tokens": 0,
     "repetition_penalty": 1.0,
     "return_full_text": False,
     "execute": False,
@@ -119,7 +122,7 @@ class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
             # Models logged before the schema style was recorded were trained on DDL schemas.
             schema_style=str(spec.get("schema_style", "ddl")),
             batch_size=self.batch_size,
-            max_new_tokens=int((spec.get("inference_params") or {}).get("max_new_tokens", 128)),
+            max_new_tokens=int((spec.get("inference_params") or {}).get("max_new_tokens") or 128),
             timeout_s=float(spec.get("timeout_s", 5.0)),
             name="served model",
         )
@@ -143,7 +146,7 @@ class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
                 dbs=[_text(r.get("db")) for r in rows],
                 execute=execute,
                 max_rows=int(p["max_rows"]),
-                max_new_tokens=int(p["max_new_tokens"]),
+                max_new_tokens=int(p["max_new_tokens"]) or None,
                 repetition_penalty=float(p["repetition_penalty"]),
             )
         except UserError as e:

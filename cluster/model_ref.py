@@ -64,6 +64,29 @@ def tracking_uri(runs_dir: str | Path | None = None) -> str:
     return f"sqlite:///{db.resolve()}"
 
 
+def schema_style_hint(ref: str) -> str | None:
+    """The schema style ``ref`` was trained with, read without loading weights (None: only
+    known once loaded, e.g. an MLflow model)."""
+    found = checkpoint_folder(ref)
+    if found is not None:
+        from evaluation.answer import schema_style_of
+        from evaluation.checkpoint_eval import read_manifest
+        from trainer.config import Hyperparameters, from_dict
+
+        try:
+            hp = from_dict(Hyperparameters, read_manifest(found[0])["hyperparameters"])
+        except UserError:
+            return None  # open_model reports the damage
+        return schema_style_of(hp)
+    if ref.startswith(MLFLOW_SCHEMES):
+        return None
+    from evaluation.answer import read_export_spec
+
+    folder = Path(ref).expanduser()
+    spec = read_export_spec(folder) if folder.is_dir() else None
+    return str(spec.get("schema_style", "ddl")) if spec else "ddl"
+
+
 def open_model(ref: str, *, runs_dir: str | Path | None = None) -> OpenedModel:
     """Load ``ref`` (see the module docstring)."""
     from evaluation.answer import from_checkpoint, from_pretrained

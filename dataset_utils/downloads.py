@@ -154,10 +154,12 @@ def expected_sha256(download: Download, override: str | None = None) -> str:
     return value
 
 
-def _offline_message(download: Download) -> str:
+def offline_message(download: Download, local_folder: str | None = None) -> str:
+    """What to do when the data is needed, not local, and downloads are off."""
     return (
         f"{download.format} data is not available locally and downloads are off "
-        f"(HF_HUB_OFFLINE=1). Set TEXT2SQL_DATA to a folder holding {download.name}/ "
+        f"(HF_HUB_OFFLINE=1). Set TEXT2SQL_DATA to a folder holding "
+        f"{local_folder or download.name}/ "
         f"(its {download.filename} unpacked: {', '.join(download.required)}), or give the "
         "source a path:, or run `text2sql data fetch "
         f"{download.name}` where there is internet (or with --archive <{download.filename}> "
@@ -195,7 +197,7 @@ def fetch(
             _verify(path, want, download, origin=str(path), delete_on_mismatch=False)
         else:
             if hub_offline():
-                raise UserError(_offline_message(download))
+                raise UserError(offline_message(download))
             path = _download(download, downloads, progress=progress)
             _verify(path, want, download, origin=source_url(download), delete_on_mismatch=True)
         target = _extract(path, download, progress=progress)

@@ -424,7 +424,10 @@ def load_source(spec: SourceSpec, data_dir: Path | None = None) -> LoadedSource:
 
         official = downloads.for_format(spec.format)
         if official is not None:
-            local = downloads.fetched_path(official) or downloads.fetch(official.name)
+            local = downloads.fetched_path(official)
+            if local is None and hub_offline():
+                raise UserError(downloads.offline_message(official, info.local_default))
+            local = local or downloads.fetch(official.name)
 
     database_dir = Path(spec.database_dir).expanduser() if spec.database_dir else None
     if database_dir is not None and not database_dir.is_absolute():

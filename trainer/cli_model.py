@@ -214,6 +214,16 @@ def cmd_export(ns: argparse.Namespace) -> int:
     out = Path(ns.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not empty; choose a new folder")
+    if ns.adapter:
+        from cluster.export import base_hub_id
+        from evaluation.checkpoint_eval import read_manifest
+
+        if not (found[0] / "adapter_config.json").is_file():
+            raise UserError(f"--adapter: {found[0]} is a full fine-tune, it has no adapter")
+        model = (read_manifest(found[0])["hyperparameters"].get("model") or {}).get(
+            "name_or_path", ""
+        )
+        base_hub_id(str(model), ns.base_id)  # refuses a local base before the model loads
     loaded = load_checkpoint(found[0])
     folder, notes = export_checkpoint(loaded, out, adapter_only=ns.adapter, base_id=ns.base_id)
     for note in notes:
@@ -276,20 +286,30 @@ def cmd_evaluate_any(ns: argparse.Namespace) -> int:
     from evaluation.judge import score
     from evaluation.report import log_report_to_mlflow, write_report
 
+    from cluster.model_ref import schema_style_hint
+
     ref = ns.model or ns.checkpoint or ns.trial_dir
-    opened = open_model(ref)
-    if ns.data:
+    columns = _parse_columns(ns.columns)
+
+    def load_data(style: str) -> tuple[list[Any], str]:
         from dataset_utils.eval_source import load_eval_examples
 
-        examples, origin = load_eval_examples(
+        return load_eval_examples(
             ns.data,
             fmt=ns.format,
             split=ns.data_split,
             db=ns.db,
-            schema_style=ns.schema_style or opened.answerer.schema_style,
-            columns=_parse_columns(ns.columns),
+            schema_style=style,
+            columns=columns,
             limit=ns.limit,
         )
+
+    # Bad data is reported before a model is loaded, wherever the schema style is known.
+    style = ns.schema_style or (schema_style_hint(ref) if ns.data else None)
+    data = load_data(style) if ns.data and style else None
+    opened = open_model(ref)
+    if ns.data:
+        examples, origin = data or load_data(opened.answerer.schema_style)
         data_name = Path(ns.data.rstrip("/")).name
     else:
         if opened.loaded is None:
