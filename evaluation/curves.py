@@ -52,12 +52,20 @@ def plot_curves(history: History, path: str | Path, *, title: str = "") -> Path 
     if valid[0]:
         ax_loss.plot(*valid, "o-", label="validation loss", lw=1.2, ms=5)
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss (SQL tokens)")
+    ax_loss.set_ylabel("loss per SQL token")
     ax_loss.set_title("loss", fontsize=10)
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
     if acc[0]:
         ax_acc.plot(acc[0], [100 * v for v in acc[1]], "o-", label="execution accuracy", ms=5)
+        ax_acc.annotate(
+            f"{100 * acc[1][-1]:.1f}%",
+            (acc[0][-1], 100 * acc[1][-1]),
+            textcoords="offset points",
+            xytext=(-6, 8),
+            ha="right",
+            fontsize=8,
+        )
     if executable[0]:
         ax_acc.plot(
             executable[0],
@@ -71,7 +79,7 @@ def plot_curves(history: History, path: str | Path, *, title: str = "") -> Path 
         ax_acc.legend(fontsize=8)
     else:
         ax_acc.text(0.5, 0.5, "no generation-based evaluation", ha="center", va="center")
-    ax_acc.set_ylim(0, 100)
+    ax_acc.set_ylim(-3, 103)  # a 0% or 100% point stays visible
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("% of validation subset")
     ax_acc.set_title("validation (greedy generation)", fontsize=10)

@@ -160,6 +160,13 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
     )
     print(summary_table(comparison.results))
     print(f"\nreport: {paths['markdown']}\njson:   {paths['json']}\nchart:  {paths['png']}")
+    from cluster.model_ref import checkpoint_folder
+    from evaluation.curves import trial_curves
+
+    trial = (checkpoint_folder(ckpt) or (ckpt, None))[1]
+    curves = trial_curves(trial, out / "curves.png") if trial is not None else None
+    if curves:
+        print(f"curves: {curves}")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         run_id = log_report_to_mlflow(paths, comparison.results, run_name=f"evaluate-{ckpt.name}")
         print(f"logged to MLflow run {run_id}")
@@ -268,11 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "evaluate",
-        help="evaluate a checkpoint vs its base model (report + chart)",
-        description="Greedy generation on the held-out split, execution accuracy "
+        help="evaluate a checkpoint vs its base model, or any model on any data (report + charts)",
+        description="Greedy generation on the checkpoint's held-out split (or, with --data, on "
+        "any Spider-layout folder or CSV/JSON(L) file with its database), execution accuracy "
         "in a read-only SQLite sandbox, exact match, valid/executable SQL, BLEU; "
-        "writes report.json, report.md, exec_accuracy.png and per_example.csv; "
-        "logs to MLflow when MLFLOW_TRACKING_URI is set.",
+        "writes report.json, report.md, exec_accuracy.png and per_example.csv (and curves.png "
+        "for a checkpoint of a local trial); logs to MLflow when MLFLOW_TRACKING_URI is set.",
     )
     _add_checkpoint_args(e)
     e.add_argument("--limit", type=int, help="evaluate the first N examples only")
