@@ -116,12 +116,15 @@ class SqlAlchemyDatabase:
         if self.dialect == "postgresql":
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
-        else:  # mysql / mariadb: before the transaction starts
+        else:
+            # MySQL / MariaDB: the session setting applies from the *next* transaction, so the
+            # one SQLAlchemy began for these statements is ended before the query runs.
             conn.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
             if self.dialect == "mariadb":
                 conn.exec_driver_sql(f"SET SESSION max_statement_time = {ms / 1000:.3f}")
             else:
                 conn.exec_driver_sql(f"SET SESSION max_execution_time = {ms}")
+            conn.commit()
 
     def run(self, sql: str, *, timeout_s: float = 5.0, max_rows: int = 20) -> QueryResult:
         import time
