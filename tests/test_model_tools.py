@@ -559,7 +559,7 @@ def test_evaluate_on_a_spider_folder_with_a_database_never_seen(
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"hyperparameters": {', "invalid JSON at line 1, column 21"),
+        ('{"hyperparameters": {', "invalid JSON at line 1, column 22"),
         ("[1, 2]", "expected a JSON object, found list"),
         ('{"hyperparameters": {"model": {}}}', "'format_plan' must be an object, found missing"),
         ('{"hyperparameters": {"bogus": 1}, "format_plan": {}}', "unknown key(s) 'bogus'"),
