@@ -68,17 +68,28 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(model_args, attn_implementation="sdpa")
     plan = plan_format("chatml", tokenizer)
     n_schemas = len({e.context for e in examples})
-    print(f"{len(examples)} Spider prompts over {n_schemas} schemas; greedy, "
-          f"max_new_tokens={args.max_new_tokens}, torch threads={torch.get_num_threads()}")
+    print(
+        f"{len(examples)} Spider prompts over {n_schemas} schemas; greedy, "
+        f"max_new_tokens={args.max_new_tokens}, torch threads={torch.get_num_threads()}"
+    )
 
     common = dict(max_new_tokens=args.max_new_tokens, progress=True)
     start = time.perf_counter()
-    one = generate_sql(model, tokenizer, examples, plan, batch_size=1, engine="hf",
-                       desc="one at a time", **common)
+    one = generate_sql(
+        model, tokenizer, examples, plan, batch_size=1, engine="hf", desc="one at a time", **common
+    )
     t_one = time.perf_counter() - start
     start = time.perf_counter()
-    fast = generate_sql(model, tokenizer, examples, plan, batch_size=args.batch_size,
-                        engine="prefix", desc="prefix engine", **common)
+    fast = generate_sql(
+        model,
+        tokenizer,
+        examples,
+        plan,
+        batch_size=args.batch_size,
+        engine="prefix",
+        desc="prefix engine",
+        **common,
+    )
     t_fast = time.perf_counter() - start
 
     same = sum(a == b for a, b in zip(one.raw, fast.raw, strict=True))
@@ -101,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"one at a time: {t_one:.1f} s   prefix engine: {t_fast:.1f} s   "
-          f"speed-up {t_one / t_fast:.2f}x (target >= {TARGET_SPEEDUP}x)   "
-          f"identical: {same}/{len(examples)}")
+    print(
+        f"one at a time: {t_one:.1f} s   prefix engine: {t_fast:.1f} s   "
+        f"speed-up {t_one / t_fast:.2f}x (target >= {TARGET_SPEEDUP}x)   "
+        f"identical: {same}/{len(examples)}"
+    )
     return 0 if same == len(examples) and t_one / t_fast >= TARGET_SPEEDUP else 1
 
 

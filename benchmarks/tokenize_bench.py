@@ -66,22 +66,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="timed repetitions (default 1)")
     p.add_argument("--max-length", type=int, default=1024, help="length policy (default 1024)")
     p.add_argument(
-        "--chat-format", default="chatml", choices=("chatml", "plain", "tokenizer"),
+        "--chat-format",
+        default="chatml",
+        choices=("chatml", "plain", "tokenizer"),
         help="prompt format (default chatml)",
     )
     p.add_argument(
-        "--sql-create-context", type=Path, default=None, metavar="PATH",
+        "--sql-create-context",
+        type=Path,
+        default=None,
+        metavar="PATH",
         help="sql-create-context rows file (default: <local data dir>/sql-create-context/"
         "sample.jsonl)",
     )
     p.add_argument(
-        "--model", default="embedded:smollm2-135m-instruct",
+        "--model",
+        default="embedded:smollm2-135m-instruct",
         help="tokenizer to load (default: the embedded SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--profile", action="store_true",
-                   help="also time rendering and each tokenizer call separately")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH",
-                   help="write the summary JSON here too")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time rendering and each tokenizer call separately",
+    )
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="write the summary JSON here too"
+    )
     ns = p.parse_args(argv)
     if ns.rows <= 0 or ns.repeat <= 0:
         p.error("--rows and --repeat must be positive")
@@ -128,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             times.append(dt)
             tokens = sum(len(x) for x in tok.input_ids)
             kept, dropped = len(tok.kept), tok.dropped_too_long
-            print(f"repeat {r + 1}: {len(rows)} rows in {dt:.2f} s "
-                  f"({len(rows) / dt:,.0f} rows/s, {tokens / dt:,.0f} tokens/s)", flush=True)
+            print(
+                f"repeat {r + 1}: {len(rows)} rows in {dt:.2f} s "
+                f"({len(rows) / dt:,.0f} rows/s, {tokens / dt:,.0f} tokens/s)",
+                flush=True,
+            )
 
         summary: dict[str, object] = {
             "rows": len(rows),

@@ -455,6 +455,13 @@ def mirror(
         title=f"{experiment_name}: checkpoint {info.uuid[:8]} vs base model",
         decoding=comparison.decoding,
     )
+    from evaluation.curves import plot_curves
+
+    curves = plot_curves(
+        source.metric_history(info),
+        report_dir / "curves.png",
+        title=f"{experiment_name}: trial {info.trial_id}",
+    )
     table = summary_table(comparison.results)
     ft = comparison.results["fine-tuned"].overall
     if "evaluation" not in done:
@@ -470,6 +477,8 @@ def mirror(
                 }
                 if new:
                     mlflow.log_params(new)
+                if curves is not None:
+                    mlflow.log_artifact(str(curves), artifact_path="evaluation")
 
         with_retries(log_eval, "logging the evaluation report", tracking_uri)
         mark("evaluation")
@@ -537,7 +546,7 @@ def mirror(
 
     frame = pd.DataFrame([{"question": e.question, "context": e.context} for e in rt_examples])
     served = list(
-        loaded_back.predict(frame, params={"max_new_tokens": loaded.hp.eval.max_new_tokens})
+        loaded_back.predict(frame, params={"max_new_tokens": loaded.hp.eval.max_new_tokens})["sql"]
     )
     mismatches = [i for i, (a, b) in enumerate(zip(in_memory, served, strict=True)) if a != b]
     with_retries(
@@ -610,7 +619,8 @@ def mirror(
     with_retries(lambda: client.set_terminated(run_id, "FINISHED"), "closing the run", tracking_uri)
     summary = (
         f"\n{table}\n\nreport: {paths['markdown']}\nchart:  {paths['png']}\n"
-        f"MLflow: run {run_id}, model {registered_model_name} version {version}"
+        + (f"curves: {curves}\n" if curves is not None else "")
+        + f"MLflow: run {run_id}, model {registered_model_name} version {version}"
         + (f" (alias '{alias}')" if champion else "")
         + "\nMLflow evaluation runs: "
         + ", ".join(f"{e.label} {e.run_id}" for e in evaluations.values())

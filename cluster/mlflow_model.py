@@ -15,9 +15,15 @@ output, no error). Instead the model directory holds plain files we control:
   Execution guidance runs candidates on an empty database built from each request's schema
   (`evaluation.execution_guided`): the server never needs the user's data.
 
-Inputs: a DataFrame with ``question`` and ``context`` (the schema as SQL DDL) columns. Params:
-``max_new_tokens``, ``repetition_penalty``, ``return_full_text`` (as in the MLflow QLoRA
-tutorial). Output: one SQL string per row (or prompt + SQL with ``return_full_text``).
+Inputs: a DataFrame with ``question`` and, per row, the schema as SQL DDL (``schema``, or its
+older name ``context``) or a database (``db``: a SQLite path or an SQLAlchemy URL, opened
+read-only; its schema is read and rendered as in training). Params: ``execute`` (run the SQL
+on ``db``: read-only, sandboxed, time-limited), ``max_rows`` (rows returned), and
+``max_new_tokens`` (0, the default: the model's own, as it was evaluated),
+``repetition_penalty``, ``return_full_text`` (as in the MLflow QLoRA tutorial). Output: a
+DataFrame, one row per question, with ``sql`` (prompt + SQL with ``return_full_text``)
+and, with ``execute``, ``columns``, ``rows`` and ``error`` (None when
+the query ran). The work is done by `evaluation.answer.SqlAnswerer`, as for `text2sql ask`.
 """
 
 from __future__ import annotations
@@ -29,33 +35,69 @@ from typing import Any
 
 import mlflow.pyfunc
 
-DEFAULT_PARAMS = {"max_new_tokens": 128, "repetition_penalty": 1.0, "return_full_text": False}
+DEFAULT_PARAMS = {
+    # 0: the model's own setting (its eval.max_new_tokens). MLflow fills every parameter of the
+    # signature with its default before calling predict, so a fixed default here would
+    # silently override the model's.
+    "max_new_tokens": 0,
+    "repetition_penalty": 1.0,
+    "return_full_text": False,
+    "execute": False,
+    "max_rows": 20,
+}
+INPUT_COLUMNS = ("question", "schema", "context", "db")
 
 
 def signature() -> Any:
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import (
+        AnyType,
+        Array,
+        ColSpec,
+        DataType,
+        ParamSchema,
+        ParamSpec,
+        Schema,
+    )
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "question"), ColSpec("string", "context")]),
-        outputs=Schema([ColSpec("string")]),
+        inputs=Schema(
+            [
+                ColSpec("string", "question"),
+                ColSpec("string", "schema", required=False),
+                ColSpec("string", "context", required=False),
+                ColSpec("string", "db", required=False),
+            ]
+        ),
+        outputs=Schema(
+            [
+                ColSpec("string", "sql"),
+                ColSpec(Array(DataType.string), "columns", required=False),
+                ColSpec(Array(Array(AnyType())), "rows", required=False),
+                ColSpec("string", "error", required=False),
+            ]
+        ),
         params=ParamSchema(
             [
                 ParamSpec("max_new_tokens", "long", DEFAULT_PARAMS["max_new_tokens"]),
                 ParamSpec("repetition_penalty", "double", DEFAULT_PARAMS["repetition_penalty"]),
                 ParamSpec("return_full_text", "boolean", DEFAULT_PARAMS["return_full_text"]),
+                ParamSpec("execute", "boolean", DEFAULT_PARAMS["execute"]),
+                ParamSpec("max_rows", "long", DEFAULT_PARAMS["max_rows"]),
             ]
         ),
     )
 
 
 class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
-    """pyfunc wrapper: prompt template + the logged decoding + SQL post-processing."""
+    """pyfunc wrapper around `evaluation.answer.SqlAnswerer` (prompt, the logged decoding, SQL
+    post-processing, optional read-only execution)."""
 
     def load_context(self, context: Any) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from dataset_utils.formatting import FormatPlan
+        from evaluation.answer import SqlAnswerer
         from trainer.config import ModelArgs
         from trainer.modeling import load_model
 
@@ -81,43 +123,66 @@ class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
                 context.artifacts["model"], use_safetensors=True
             )
         self.model.eval()
+        self.answerer = SqlAnswerer(
+            self.model,
+            self.tokenizer,
+            self.plan,
+            # Models logged before the schema style was recorded were trained on DDL schemas.
+            schema_style=str(spec.get("schema_style", "ddl")),
+            batch_size=self.batch_size,
+            max_new_tokens=int((spec.get("inference_params") or {}).get("max_new_tokens") or 128),
+            timeout_s=self.timeout_s,
+            name="served model",
+            # Models logged before decoding options existed decode greedily, as they did then.
+            decoding=self.decoding,
+        )
 
     # `model_input` is deliberately unannotated: MLflow inspects the type hint and warns on
     # `Any`; the signature logged with the model is what validates inputs.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN001
+        import pandas as pd
+
+        from dataset_utils.errors import UserError
         from dataset_utils.formatting import render_prompt
         from dataset_utils.records import Example
-        from evaluation.generation import generate_sql
 
         p = {**DEFAULT_PARAMS, **(self.spec.get("inference_params") or {}), **(params or {})}
         rows = _rows(model_input)
-        examples = [
-            Example(
-                question=str(r["question"]),
-                context=str(r.get("context") or ""),
-                sql="",
-                source="serving",
+        execute = bool(p["execute"])
+        try:
+            answers = self.answerer.answer(
+                [str(r.get("question") or "") for r in rows],
+                schemas=[_text(r.get("schema")) or _text(r.get("context")) for r in rows],
+                dbs=[_text(r.get("db")) for r in rows],
+                execute=execute,
+                max_rows=int(p["max_rows"]),
+                max_new_tokens=int(p["max_new_tokens"]) or None,
+                repetition_penalty=float(p["repetition_penalty"]),
             )
-            for r in rows
-        ]
-        gen = generate_sql(
-            self.model,
-            self.tokenizer,
-            examples,
-            self.plan,
-            batch_size=self.batch_size,
-            max_new_tokens=int(p["max_new_tokens"]),
-            repetition_penalty=float(p["repetition_penalty"]),
-            progress=False,
-            timeout_s=self.timeout_s,
-            **self.decoding,
-        )
+        except UserError as e:
+            # The scoring server turns a ValueError into a 400 with this message.
+            raise ValueError(str(e)) from None
+        records = [a.as_record(execute) for a in answers]
         if p["return_full_text"]:
-            return [
-                render_prompt(e, self.tokenizer, self.plan) + s
-                for e, s in zip(examples, gen.sql, strict=True)
-            ]
-        return gen.sql
+            for r, row, rec in zip(rows, answers, records, strict=True):
+                ex = Example(
+                    question=str(r.get("question")),
+                    context=_text(r.get("schema"))
+                    or _text(r.get("context"))
+                    or self.answerer.schema_of(str(r.get("db"))),
+                    sql="",
+                    source="serving",
+                )
+                rec["sql"] = render_prompt(ex, self.tokenizer, self.plan) + row.sql
+        return pd.DataFrame.from_records(records, columns=list(records[0]) if records else ["sql"])
+
+
+def _text(value: Any) -> str | None:
+    """A cell as text, or None when empty or missing (NaN where a DataFrame mixed rows)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    text = str(value).strip()
+    return text or None
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:
@@ -176,6 +241,8 @@ def build_model_dir(
     """
     import dataclasses
 
+    from evaluation.answer import schema_style_of
+
     staging.mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, str] = {}
     hp = loaded.hp
@@ -189,6 +256,7 @@ def build_model_dir(
         "batch_size": hp.eval.batch_size,
         "method": hp.method,
         "decoding": dataclasses.asdict(hp.eval.decoding) if decoding is None else dict(decoding),
+        "schema_style": schema_style_of(hp),
         "timeout_s": hp.eval.timeout_s,
     }
     tok_dir = staging / "tokenizer"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +45,18 @@ def quote_ident(name: str) -> str:
     if _SIMPLE_IDENT.match(name):
         return name
     return '"' + name.replace('"', '""') + '"'
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def is_sqlite_file(path: str | Path) -> bool:
+    """True when ``path`` is a file that starts with SQLite's header."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with p.open("rb") as fh:
+        return fh.read(len(SQLITE_HEADER)) == SQLITE_HEADER
 
 
 @dataclass(frozen=True)
@@ -194,31 +207,62 @@ def schema_from_sqlite(
     if keep_tables is not None:
         kept = {t.lower() for t in keep_tables}
         tables = tuple(t for t in tables if t.name.lower() in kept)
-    present = {t.name.lower(): t.name for t in tables}
     json_keys: dict[str, tuple[ForeignKey, ...]] = {}
     if foreign_keys == "tables_json":
         if tables_json is None or db_id is None:
             raise ValueError("foreign_keys='tables_json' needs tables_json and db_id")
         json_keys = tables_json_foreign_keys(tables_json, db_id)
+
+    def keys(table: Table) -> tuple[ForeignKey, ...]:
+        if foreign_keys == "sqlite":
+            return table.foreign_keys
+        if foreign_keys == "tables_json":
+            return json_keys.get(table.name.lower(), ())
+        return ()
+
+    return render_schema(
+        tables,
+        style,
+        keys=keys,
+        values=lambda t, c: sample_values(db_path, t, c, sample_values_per_column),
+        pruned=keep_tables is not None,
+    )
+
+
+def render_schema(
+    tables: Sequence[Table],
+    style: str = "ddl",
+    *,
+    keys: Callable[[Table], tuple[ForeignKey, ...]] | None = None,
+    values: Callable[[str, str], tuple[object, ...]] | None = None,
+    pruned: bool = False,
+) -> str:
+    """One ``CREATE TABLE`` line per table, in ``style`` (see `schema_from_sqlite`).
+
+    The one renderer of every schema a prompt shows: SQLite files (`schema_from_sqlite`) and
+    any SQLAlchemy database (`evaluation.databases`). ``keys``: the foreign keys shown per table
+    (default: the table's own; none for ``columns``). ``values``: sample values per (table,
+    column), shown as a comment. ``pruned``: leave out foreign keys to tables not rendered.
+    """
+    if style not in SCHEMA_STYLES:
+        raise ValueError(f"unknown schema style {style!r}; expected one of {SCHEMA_STYLES}")
+    if keys is None:
+        keys = (lambda t: ()) if style == "columns" else (lambda t: t.foreign_keys)
+    present = {t.name.lower() for t in tables}
     lines = []
     for table in tables:
         parts = []
         for name, ctype in table.columns:
             text = f"{quote_ident(name)} {ctype if style == 'ddl' else ''}".rstrip()
-            values = sample_values(db_path, table.name, name, sample_values_per_column)
-            if values:
-                text += " /* " + ", ".join(_literal(v) for v in values) + " */"
+            shown = values(table.name, name) if values is not None else ()
+            if shown:
+                text += " /* " + ", ".join(_literal(v) for v in shown) + " */"
             parts.append(text)
         if table.primary_key and style == "ddl":
             key = ", ".join(quote_ident(c) for c in table.primary_key)
             parts.append(f"PRIMARY KEY ({key})")
-        keys: tuple[ForeignKey, ...] = ()
-        if foreign_keys == "sqlite":
-            keys = table.foreign_keys
-        elif foreign_keys == "tables_json":
-            keys = json_keys.get(table.name.lower(), ())
-        for fk in keys:
-            if keep_tables is not None and fk.ref_table.lower() not in present:
+        for fk in keys(table):
+            if pruned and fk.ref_table.lower() not in present:
                 continue  # pruned away
             ref = quote_ident(fk.ref_table)
             target = f"{ref}({quote_ident(fk.ref_column)})" if fk.ref_column else ref

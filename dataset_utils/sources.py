@@ -19,8 +19,9 @@ local data directory, or to the current directory); else the format's default fi
 local data directory (``../shared/data`` beside the checkout, or ``$TEXT2SQL_DATA``) when it
 exists -- for Spider ``spider/`` (the release layout: ``train_spider.json(l)``, ``dev.json(l)``,
 ``tables.json``, ``database/``), falling back to the dev-only ``spider_dev/`` for ``split: dev``;
-else the HuggingFace Hub. Offline with none of them, one `UserError` says how to point
-the loader at local files.
+else, for Spider (whose Hub copy has no databases), the official release archive, fetched once
+into ``$TEXT2SQL_CACHE/data`` (`dataset_utils.downloads`); else the HuggingFace Hub. Offline
+with none of them, one `UserError` says how to point the loader at local files.
 """
 
 from __future__ import annotations
@@ -512,6 +513,18 @@ def load_source(spec: SourceSpec, data_dir: Path | None = None) -> LoadedSource:
         local = resolve_local_path(spec.path, base)
     elif spec.hub_id is None and base is not None:
         local = _local_default(spec, base)
+    if local is None and spec.path is None and spec.hub_id is None:
+        # No local copy: a dataset whose Hub copy is incomplete (Spider has no databases
+        # there) comes from its official release archive, fetched once into the cache.
+        from dataset_utils import downloads
+
+        official = downloads.for_format(spec.format)
+        if official is not None:
+            local = downloads.fetched_path(official)
+            if local is None and hub_offline():
+                first = next(iter(FORMATS[spec.format].local_default), None)
+                raise UserError(downloads.offline_message(official, first))
+            local = local or downloads.fetch(official.name)
 
     database_dir = Path(spec.database_dir).expanduser() if spec.database_dir else None
     if database_dir is not None and not database_dir.is_absolute():

@@ -78,7 +78,27 @@ def checkpoint_files(path: Path) -> Path:
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any]:
-    return json.loads((checkpoint_files(ckpt) / MANIFEST).read_text())
+    """The checkpoint's ``text2sql.json`` (either layout, see `checkpoint_files`); a missing or
+    damaged one is one `UserError` that names the file and what is wrong with it."""
+    f = checkpoint_files(Path(ckpt)) / MANIFEST
+    damaged = f"checkpoint manifest {f} is damaged"
+    try:
+        manifest = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{damaged}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{damaged}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg}); "
+            "restore it from the run that wrote the checkpoint or from another checkpoint of "
+            "the same trial"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{damaged}: expected a JSON object, found {type(manifest).__name__}")
+    for key in ("hyperparameters", "format_plan"):
+        if not isinstance(manifest.get(key), dict):
+            found = "missing" if key not in manifest else type(manifest[key]).__name__
+            raise UserError(f"{damaged}: {key!r} must be an object, found {found}")
+    return manifest
 
 
 def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
@@ -90,8 +110,16 @@ def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
 
     ckpt = checkpoint_files(Path(ckpt))
     manifest = read_manifest(ckpt)
-    hp = from_dict(Hyperparameters, manifest["hyperparameters"])
-    plan = FormatPlan(**manifest["format_plan"])
+    try:
+        hp = from_dict(Hyperparameters, manifest["hyperparameters"])
+    except UserError as e:
+        raise UserError(f"checkpoint manifest {ckpt / 'text2sql.json'} is damaged: {e}") from None
+    try:
+        plan = FormatPlan(**manifest["format_plan"])
+    except TypeError as e:
+        raise UserError(
+            f"checkpoint manifest {ckpt / 'text2sql.json'} is damaged: format_plan: {e}"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -209,15 +209,21 @@ class SandboxDB:
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, db_path: str | Path) -> SandboxDB:
-        """Open an existing SQLite file read-only (and immutable: no locks, no journal)."""
+    def open(cls, db_path: str | Path, *, immutable: bool = True) -> SandboxDB:
+        """Open an existing SQLite file read-only (and, by default, immutable: no locks, no
+        journal).
+
+        ``immutable=False`` is for a user's live database (`text2sql ask`, serving): SQLite
+        then takes shared locks and reads a write-ahead log other processes may be writing,
+        so results are current; the connection still cannot write.
+        """
         path = Path(db_path).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"SQLite database not found: {path}")
         # immutable=1: SQLite assumes nobody changes the file, so it never locks it or looks
         # for a hot journal; the evaluation databases are static, and the flag keeps a
         # read-only directory (like ../shared) working.
-        uri = f"file:{quote(str(path))}?mode=ro&immutable=1"
+        uri = f"file:{quote(str(path))}?mode=ro" + ("&immutable=1" if immutable else "")
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         return cls(conn, str(path))
 

@@ -64,12 +64,19 @@ def _assert_png(path: Path) -> tuple[int, int]:
 def test_inspect_counts_are_consistent(tmp_path: Path, smollm2: Any) -> None:
     out = tmp_path / "out"
     report = inspect_data(
-        SOURCES, smollm2, chat_format="chatml", max_length=160,
-        candidate_lengths=[100, 200, 1000], n_examples=4, out_dir=out,
+        SOURCES,
+        smollm2,
+        chat_format="chatml",
+        max_length=160,
+        candidate_lengths=[100, 200, 1000],
+        n_examples=4,
+        out_dir=out,
     )
     # Per-source bucket counts add up to the rows of each source.
     assert [(s.format, s.rows) for s in report.sources] == [
-        ("clinton", 12), ("gretel", 12), ("custom", 6)
+        ("clinton", 12),
+        ("gretel", 12),
+        ("custom", 6),
     ]
     for s in report.sources:
         assert set(s.buckets) == set(BUCKET_NAMES)
@@ -99,8 +106,12 @@ def test_inspect_counts_are_consistent(tmp_path: Path, smollm2: Any) -> None:
     assert width >= 400 and height >= 300
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["rows_in_subset"] == 30
-    assert summary["dropped_by_max_length"] == {"100": report.drops[100], "160": report.drops[160],
-                                                "200": report.drops[200], "1000": 0}
+    assert summary["dropped_by_max_length"] == {
+        "100": report.drops[100],
+        "160": report.drops[160],
+        "200": report.drops[200],
+        "1000": 0,
+    }
     assert summary["token_length"]["max"] == max(report.lengths)
     assert len(report.examples) == len(summary["examples"]) == 4
     text = (out / "examples.txt").read_text(encoding="utf-8")
@@ -109,13 +120,16 @@ def test_inspect_counts_are_consistent(tmp_path: Path, smollm2: Any) -> None:
         assert e.prompt.startswith("<|im_start|>system\n") and e.completion.endswith("<|im_end|>")
         assert e.prompt + e.completion in text
     assert sorted(p.name for p in out.iterdir()) == [
-        "examples.txt", "summary.json", "token_lengths.png"
+        "examples.txt",
+        "summary.json",
+        "token_lengths.png",
     ]
 
 
 def test_inspect_text_report(tmp_path: Path, smollm2: Any) -> None:
-    report = inspect_data(SOURCES[:1], smollm2, chat_format="plain", max_length=128,
-                          n_examples=2, out_dir=tmp_path)
+    report = inspect_data(
+        SOURCES[:1], smollm2, chat_format="plain", max_length=128, n_examples=2, out_dir=tmp_path
+    )
     text = report.format_text()
     assert "clinton (clinton_sample.jsonl)" in text
     assert "<- experiment" in text
@@ -124,12 +138,19 @@ def test_inspect_text_report(tmp_path: Path, smollm2: Any) -> None:
 
 
 def test_inspect_subset_and_sampling(tmp_path: Path, smollm2: Any) -> None:
-    report = inspect_data(SOURCES[:2], smollm2, chat_format="chatml", subset="medium",
-                          n_examples=5, out_dir=tmp_path)
+    report = inspect_data(
+        SOURCES[:2], smollm2, chat_format="chatml", subset="medium", n_examples=5, out_dir=tmp_path
+    )
     assert report.rows_in_subset == 1  # the one medium Clinton row
     assert len(report.examples) == 1 and report.examples[0].difficulty == "medium"
-    report = inspect_data(SOURCES[1:2], smollm2, chat_format="chatml",
-                          complexity=["window functions"], n_examples=0, out_dir=tmp_path)
+    report = inspect_data(
+        SOURCES[1:2],
+        smollm2,
+        chat_format="chatml",
+        complexity=["window functions"],
+        n_examples=0,
+        out_dir=tmp_path,
+    )
     assert report.rows_in_subset == 2 and report.examples == []
     _assert_png(tmp_path / "token_lengths.png")
 
@@ -152,10 +173,28 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def test_arguments() -> None:
     ns = _parse(["exp.yaml"])
     assert (ns.experiment, ns.set, ns.out, ns.examples, ns.max_length) == (
-        "exp.yaml", [], "data-inspect", 3, None
+        "exp.yaml",
+        [],
+        "data-inspect",
+        3,
+        None,
     )
-    ns = _parse(["exp.yaml", "--max-length", "256", "512", "--set", "data.subset=easy",
-                 "--max-length", "1024", "--examples", "1", "--out", "x"])
+    ns = _parse(
+        [
+            "exp.yaml",
+            "--max-length",
+            "256",
+            "512",
+            "--set",
+            "data.subset=easy",
+            "--max-length",
+            "1024",
+            "--examples",
+            "1",
+            "--out",
+            "x",
+        ]
+    )
     assert ns.max_length == [256, 512, 1024]
     assert ns.set == ["data.subset=easy"] and ns.examples == 1 and ns.out == "x"
 
@@ -171,8 +210,20 @@ def test_run_inspect_on_an_experiment(
         + str(FIXTURES / "clinton_sample.jsonl")
         + "}]"
     )
-    ns = _parse([str(EXPERIMENT), "--set", sources, "--set", "data.max_length=200",
-                 "--examples", "2", "--max-length", "128", "256"])
+    ns = _parse(
+        [
+            str(EXPERIMENT),
+            "--set",
+            sources,
+            "--set",
+            "data.max_length=200",
+            "--examples",
+            "2",
+            "--max-length",
+            "128",
+            "256",
+        ]
+    )
     assert run_inspect(ns) == 0
     printed = capsys.readouterr().out
     # Default output folder: ./data-inspect under the current directory, and nothing else.
@@ -192,9 +243,19 @@ def test_run_inspect_on_an_experiment(
 
 def test_run_inspect_default_candidates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    ns = _parse([str(EXPERIMENT), "--set",
-                 "data.sources=[{format: clinton, path: " + str(FIXTURES / "clinton_sample.jsonl")
-                 + "}]", "--examples", "0", "--out", "report"])
+    ns = _parse(
+        [
+            str(EXPERIMENT),
+            "--set",
+            "data.sources=[{format: clinton, path: "
+            + str(FIXTURES / "clinton_sample.jsonl")
+            + "}]",
+            "--examples",
+            "0",
+            "--out",
+            "report",
+        ]
+    )
     assert run_inspect(ns) == 0
     summary = json.loads((tmp_path / "report" / "summary.json").read_text(encoding="utf-8"))
     assert sorted(map(int, summary["dropped_by_max_length"])) == sorted({*DEFAULT_CANDIDATES, 768})

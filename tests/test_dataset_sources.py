@@ -33,11 +33,25 @@ CUSTOM_COLUMNS = {"question": "nl_question", "context": "schema_ddl", "sql": "go
 
 # From ../shared/data/README.md ("Examples per database").
 SPIDER_PER_DB = {
-    "battle_death": 16, "car_1": 92, "concert_singer": 45, "course_teach": 30,
-    "cre_Doc_Template_Mgt": 84, "dog_kennels": 82, "employee_hire_evaluation": 38,
-    "flight_2": 80, "museum_visit": 18, "network_1": 56, "orchestra": 40, "pets_1": 42,
-    "poker_player": 40, "real_estate_properties": 4, "singer": 30,
-    "student_transcripts_tracking": 78, "tvshow": 62, "voter_1": 15, "world_1": 120,
+    "battle_death": 16,
+    "car_1": 92,
+    "concert_singer": 45,
+    "course_teach": 30,
+    "cre_Doc_Template_Mgt": 84,
+    "dog_kennels": 82,
+    "employee_hire_evaluation": 38,
+    "flight_2": 80,
+    "museum_visit": 18,
+    "network_1": 56,
+    "orchestra": 40,
+    "pets_1": 42,
+    "poker_player": 40,
+    "real_estate_properties": 4,
+    "singer": 30,
+    "student_transcripts_tracking": 78,
+    "tvshow": 62,
+    "voter_1": 15,
+    "world_1": 120,
 }
 
 
@@ -54,12 +68,21 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 
 
 SCC_ROWS = [
-    {"answer": "SELECT COUNT(*) FROM head WHERE age > 56", "question": "How many heads?",
-     "context": "CREATE TABLE head (age INTEGER)"},
-    {"answer": "SELECT name FROM singer", "question": "Names of singers, with commas, ok?",
-     "context": "CREATE TABLE singer (name VARCHAR)"},
-    {"answer": "SELECT \"x\" FROM t", "question": "Café ² question",
-     "context": "CREATE TABLE t (x INT)"},
+    {
+        "answer": "SELECT COUNT(*) FROM head WHERE age > 56",
+        "question": "How many heads?",
+        "context": "CREATE TABLE head (age INTEGER)",
+    },
+    {
+        "answer": "SELECT name FROM singer",
+        "question": "Names of singers, with commas, ok?",
+        "context": "CREATE TABLE singer (name VARCHAR)",
+    },
+    {
+        "answer": 'SELECT "x" FROM t',
+        "question": "Café ² question",
+        "context": "CREATE TABLE t (x INT)",
+    },
 ]
 
 
@@ -113,8 +136,12 @@ def test_spider_schema_styles_are_valid_ddl_for_every_table(spider_dir: Path, st
         for line in lines:
             built.execute(line)
         src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        want = {r[0] for r in src.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
+        want = {
+            r[0]
+            for r in src.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+            )
+        }
         got = {r[0] for r in built.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         src.close()
         built.close()
@@ -136,9 +163,7 @@ def test_spider_schema_styles_shrink_and_keep_keys(spider_dir: Path) -> None:
     assert "FOREIGN KEY" in joined["ddl"] and "FOREIGN KEY" in joined["compact"]
 
 
-def test_spider_from_local_data_dir_default(
-    spider_dir: Path, tmp_path: Path, monkeypatch
-) -> None:
+def test_spider_from_local_data_dir_default(spider_dir: Path, tmp_path: Path, monkeypatch) -> None:
     # The full release layout (spider/) when present ...
     monkeypatch.setenv("TEXT2SQL_DATA", str(spider_dir.parent))
     loaded = load_source(SourceSpec(format="spider", split="dev"))
@@ -184,7 +209,9 @@ def test_sql_create_context_has_340_rows(sql_create_context_path: Path) -> None:
     for e, row in zip(examples, raw, strict=True):
         assert e.source == "sql-create-context"
         assert (e.question, e.context, e.sql) == (
-            row["question"].strip(), row["context"].strip(), row["answer"].strip()
+            row["question"].strip(),
+            row["context"].strip(),
+            row["answer"].strip(),
         )
         assert e.context.startswith("CREATE TABLE")
         assert e.db_path is None and e.complexity is None
@@ -221,14 +248,26 @@ def test_clinton_fixture_normalizes() -> None:
 def test_gretel_fixture_normalizes_with_complexity() -> None:
     raw = pq.read_table(GRETEL).to_pylist()
     assert list(raw[0]) == [
-        "id", "domain", "domain_description", "sql_complexity", "sql_complexity_description",
-        "sql_task_type", "sql_task_type_description", "sql_prompt", "sql_context", "sql",
+        "id",
+        "domain",
+        "domain_description",
+        "sql_complexity",
+        "sql_complexity_description",
+        "sql_task_type",
+        "sql_task_type_description",
+        "sql_prompt",
+        "sql_context",
+        "sql",
         "sql_explanation",
     ]
     examples = load_source(SourceSpec(format="gretel", path=str(GRETEL))).examples
     assert len(examples) == 12
     assert {e.complexity for e in examples} >= {
-        "basic SQL", "aggregation", "single join", "subqueries", "window functions"
+        "basic SQL",
+        "aggregation",
+        "single join",
+        "subqueries",
+        "window functions",
     }
     for e, row in zip(examples, raw, strict=True):
         assert e.source == "gretel"
@@ -256,7 +295,9 @@ def test_custom_csv_with_column_mapping() -> None:
     for e, row in zip(examples, raw, strict=True):
         assert e.source == "custom_sample"  # custom sources are named after their file
         assert (e.question, e.context, e.sql) == (
-            row["nl_question"], row["schema_ddl"], row["gold_sql"]
+            row["nl_question"],
+            row["schema_ddl"],
+            row["gold_sql"],
         )
     assert examples[2].context.count("CREATE TABLE") == 2  # quoted multi-line cell survives
     assert examples[4].question == 'Show the "premium" customers.'
@@ -278,8 +319,11 @@ def test_custom_mapping_errors() -> None:
     msg = user_error(ei)
     assert "needs columns mapping at least 'question' and 'sql'" in msg and "found none" in msg
     with pytest.raises(UserError) as ei:
-        load_source(SourceSpec(format="custom", path=str(CUSTOM),
-                               columns={**CUSTOM_COLUMNS, "sql": "query"}))
+        load_source(
+            SourceSpec(
+                format="custom", path=str(CUSTOM), columns={**CUSTOM_COLUMNS, "sql": "query"}
+            )
+        )
     msg = user_error(ei)
     assert "missing column(s) 'query'" in msg
     assert "found columns: gold_sql, nl_question, notes, schema_ddl" in msg
@@ -311,8 +355,9 @@ def _write_all_formats(tmp_path: Path) -> dict[str, Path]:
 
 def test_every_local_file_type_gives_the_same_examples(tmp_path: Path) -> None:
     paths = _write_all_formats(tmp_path)
-    expected = [Example(r["question"], r["context"], r["answer"], "sql-create-context")
-                for r in SCC_ROWS]
+    expected = [
+        Example(r["question"], r["context"], r["answer"], "sql-create-context") for r in SCC_ROWS
+    ]
     for kind, path in paths.items():
         got = load_source(SourceSpec(format="sql-create-context", path=str(path))).examples
         assert got == expected, kind
@@ -388,9 +433,16 @@ def test_empty_file(tmp_path: Path, name: str, content: bytes, expected: str) ->
 
 def test_empty_parquet(tmp_path: Path) -> None:
     path = tmp_path / "empty.parquet"
-    pq.write_table(pa.table({"question": pa.array([], pa.string()),
-                             "context": pa.array([], pa.string()),
-                             "answer": pa.array([], pa.string())}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "question": pa.array([], pa.string()),
+                "context": pa.array([], pa.string()),
+                "answer": pa.array([], pa.string()),
+            }
+        ),
+        path,
+    )
     with pytest.raises(UserError) as ei:
         load_source(SourceSpec(format="sql-create-context", path=str(path)))
     assert "has no rows" in user_error(ei)
@@ -408,9 +460,13 @@ def test_empty_subset_after_filtering(sql_create_context_path: Path) -> None:
 
 
 def test_non_string_sql(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "x.jsonl", [
-        SCC_ROWS[0], {"question": "q?", "context": "CREATE TABLE t (a INT)", "answer": 42},
-    ])
+    path = write_jsonl(
+        tmp_path / "x.jsonl",
+        [
+            SCC_ROWS[0],
+            {"question": "q?", "context": "CREATE TABLE t (a INT)", "answer": 42},
+        ],
+    )
     with pytest.raises(UserError) as ei:
         load_source(SourceSpec(format="sql-create-context", path=str(path)))
     msg = user_error(ei)
@@ -419,8 +475,9 @@ def test_non_string_sql(tmp_path: Path) -> None:
 
 def test_non_string_sql_in_parquet(tmp_path: Path) -> None:
     path = tmp_path / "x.parquet"
-    pq.write_table(pa.table({"question": ["q?"], "context": ["CREATE TABLE t (a INT)"],
-                             "answer": [3.5]}), path)
+    pq.write_table(
+        pa.table({"question": ["q?"], "context": ["CREATE TABLE t (a INT)"], "answer": [3.5]}), path
+    )
     with pytest.raises(UserError) as ei:
         load_source(SourceSpec(format="sql-create-context", path=str(path)))
     assert "column 'answer' must be a string, found float" in user_error(ei)
@@ -513,8 +570,10 @@ def test_dataset_path_does_not_exist(tmp_path: Path, monkeypatch) -> None:
     [
         (SourceSpec(format="gretel"), "gretelai/synthetic_text_to_sql"),
         (SourceSpec(format="clinton"), "Clinton/Text-to-sql-v1"),
-        (SourceSpec(format="sql-create-context", hub_id="b-mc2/sql-create-context"),
-         "b-mc2/sql-create-context"),
+        (
+            SourceSpec(format="sql-create-context", hub_id="b-mc2/sql-create-context"),
+            "b-mc2/sql-create-context",
+        ),
     ],
 )
 def test_hub_requested_while_offline(

@@ -77,15 +77,23 @@ def test_bucket_boundaries(words: int, bucket: str | None) -> None:
 
 
 def test_word_count_splits_on_any_whitespace() -> None:
-    e = Example(question="how\tmany\nrows ?", context="CREATE  TABLE\n t (a INT)",
-                sql="SELECT\n\tcount(*)  FROM t", source="x")
+    e = Example(
+        question="how\tmany\nrows ?",
+        context="CREATE  TABLE\n t (a INT)",
+        sql="SELECT\n\tcount(*)  FROM t",
+        source="x",
+    )
     assert word_count(e) == 4 + 5 + 4
 
 
 def test_select_subset_sets_difficulty() -> None:
     rows = [example_with_words(n) for n in (9, 50, 150, 500, 900)]
     assert [e.difficulty for e in select_subset(rows, "all")] == [
-        None, "easy", "medium", "hard", None
+        None,
+        "easy",
+        "medium",
+        "hard",
+        None,
     ]
 
 
@@ -163,8 +171,14 @@ def test_split_sizes_80_10_10_and_reproducible() -> None:
     assert sorted(e.question for s in a.as_dict().values() for e in s) == sorted(
         e.question for e in rows
     )
-    assert a.stats == {"rows_in": 200, "duplicates_removed": 0, "groups": 200,
-                       "n_train": 160, "n_valid": 20, "n_test": 20}
+    assert a.stats == {
+        "rows_in": 200,
+        "duplicates_removed": 0,
+        "groups": 200,
+        "n_train": 160,
+        "n_valid": 20,
+        "n_test": 20,
+    }
 
 
 def test_split_matches_the_recipe_train_test_split() -> None:

@@ -37,6 +37,7 @@ ASHA_YAML = REPO_ROOT / "experiments" / "lora-asha.yaml"
 MAIN_YAML = REPO_ROOT / "experiments" / "smollm2-135m-lora-cpu.yaml"
 CHECKPOINT_UUID = "7f2f3c1e-3b1a-4c55-9a63-0c9a2d1b0007"
 
+
 def _load(path: Path, output_dir: Path, *extra: str) -> Experiment:
     # schema=False: Determined's schema check is tests/test_experiments.py's job (and needs
     # ../shared); here the YAML only supplies the searcher config and hyperparameters.
@@ -69,34 +70,45 @@ def trial_container(
         monkeypatch.setattr(cls._from_file.__func__, "__defaults__", (str(info_dir / name),))
 
     def make(exp: Experiment, latest_checkpoint: str | None = None) -> det.ClusterInfo:
-        _write_json(info_dir / "cluster.json", {
-            # Port 1 on localhost: nothing here may talk to a master, and nothing does.
-            "master_url": "http://127.0.0.1:1",
-            "cluster_id": "test-cluster",
-            "agent_id": "test-agent",
-            "slot_ids": [0],
-            "task_id": "1.2",
-            "allocation_id": "1.2.1",
-            "session_token": "not-a-real-token",
-            "task_type": "TRIAL",
-            "master_cert_name": None,
-            "master_cert_file": None,
-            "latest_checkpoint": latest_checkpoint,
-        })
-        _write_json(info_dir / "trial.json", {
-            "trial_id": 2,
-            "experiment_id": 1,
-            "trial_seed": 1234,
-            "hparams": exp.resolved_hparams,
-            "config": exp.config,
-            "steps_completed": 7 if latest_checkpoint else 0,
-            "trial_run_id": 2 if latest_checkpoint else 1,
-            "debug": False,
-            "inter_node_network_interface": None,
-        })
-        _write_json(info_dir / "rendezvous.json", {
-            "container_addrs": ["127.0.0.1"], "container_rank": 0, "container_slot_counts": [1],
-        })
+        _write_json(
+            info_dir / "cluster.json",
+            {
+                # Port 1 on localhost: nothing here may talk to a master, and nothing does.
+                "master_url": "http://127.0.0.1:1",
+                "cluster_id": "test-cluster",
+                "agent_id": "test-agent",
+                "slot_ids": [0],
+                "task_id": "1.2",
+                "allocation_id": "1.2.1",
+                "session_token": "not-a-real-token",
+                "task_type": "TRIAL",
+                "master_cert_name": None,
+                "master_cert_file": None,
+                "latest_checkpoint": latest_checkpoint,
+            },
+        )
+        _write_json(
+            info_dir / "trial.json",
+            {
+                "trial_id": 2,
+                "experiment_id": 1,
+                "trial_seed": 1234,
+                "hparams": exp.resolved_hparams,
+                "config": exp.config,
+                "steps_completed": 7 if latest_checkpoint else 0,
+                "trial_run_id": 2 if latest_checkpoint else 1,
+                "debug": False,
+                "inter_node_network_interface": None,
+            },
+        )
+        _write_json(
+            info_dir / "rendezvous.json",
+            {
+                "container_addrs": ["127.0.0.1"],
+                "container_rank": 0,
+                "container_slot_counts": [1],
+            },
+        )
         _write_json(info_dir / "resources.json", {"gpu_uuids": []})
         monkeypatch.setattr(_info, "_info", "unloaded")  # det.get_cluster_info() re-reads
         info = det.get_cluster_info()
@@ -181,8 +193,9 @@ def test_fixed_det_callback_still_rejects_a_length_mismatch(
     exp = _load(ASHA_YAML, tmp_path / "out")
     trial_container(exp)
     # (load_experiment would refuse this config itself; build the mismatch behind its back.)
-    short = dataclasses.replace(exp.hparams, training_args={**exp.hparams.training_args,
-                                                             "max_steps": 100})
+    short = dataclasses.replace(
+        exp.hparams, training_args={**exp.hparams.training_args, "max_steps": 100}
+    )
     args = training_args(short, tmp_path / "out")
     with pytest.raises(ValueError, match=r"batches=100 != batches=640"):
         fixed_det_callback_class()(core_context(checkpoint_storage), args)
@@ -254,7 +267,9 @@ def _capture_main(monkeypatch: pytest.MonkeyPatch, storage: Path) -> dict[str, A
 
 @pytest.mark.usefixtures("one_slot_distributed")
 def test_run_on_cluster_resumes_from_the_latest_checkpoint(
-    tmp_path: Path, trial_container: Callable[..., det.ClusterInfo], checkpoint_storage: Path,
+    tmp_path: Path,
+    trial_container: Callable[..., det.ClusterInfo],
+    checkpoint_storage: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from trainer.finetune import run_on_cluster
@@ -276,7 +291,9 @@ def test_run_on_cluster_resumes_from_the_latest_checkpoint(
 
 @pytest.mark.usefixtures("one_slot_distributed")
 def test_run_on_cluster_fresh_trial_starts_from_scratch(
-    tmp_path: Path, trial_container: Callable[..., det.ClusterInfo], checkpoint_storage: Path,
+    tmp_path: Path,
+    trial_container: Callable[..., det.ClusterInfo],
+    checkpoint_storage: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from trainer.finetune import run_on_cluster
@@ -305,8 +322,9 @@ def test_main_passes_the_checkpoint_to_trainer_train(
     class FakeTrainer:
         def __init__(self) -> None:
             self.args = type("Args", (), {"output_dir": str(out)})()
-            self.state = type("State", (), {"global_step": 7, "max_steps": 640,
-                                            "log_history": [{"loss": 1.0}]})()
+            self.state = type(
+                "State", (), {"global_step": 7, "max_steps": 640, "log_history": [{"loss": 1.0}]}
+            )()
 
         def train(self, **kwargs: Any) -> Any:
             calls.append(kwargs)
@@ -314,8 +332,18 @@ def test_main_passes_the_checkpoint_to_trainer_train(
 
     class FakeData:
         report: dict[str, Any] = dict.fromkeys(
-            ("n_train", "n_valid", "n_test", "duplicates_removed", "dropped_too_long_train",
-             "dropped_too_long_valid", "dropped_too_long_test", "cache"), 0)
+            (
+                "n_train",
+                "n_valid",
+                "n_test",
+                "duplicates_removed",
+                "dropped_too_long_train",
+                "dropped_too_long_valid",
+                "dropped_too_long_test",
+                "cache",
+            ),
+            0,
+        )
         plan = None
 
     class FakeModel:
@@ -341,15 +369,23 @@ def test_main_passes_the_checkpoint_to_trainer_train(
 
 
 def test_run_on_cluster_single_slot_without_launcher(
-    tmp_path: Path, trial_container: Callable[..., det.ClusterInfo], checkpoint_storage: Path,
+    tmp_path: Path,
+    trial_container: Callable[..., det.ClusterInfo],
+    checkpoint_storage: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from trainer.finetune import run_on_cluster
 
     exp = _load(MAIN_YAML, tmp_path / "out")
     assert exp.launcher == "none"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                "GROUP_WORLD_SIZE"):
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+    ):
         monkeypatch.delenv(key, raising=False)
     info = trial_container(exp)
     seen = _capture_main(monkeypatch, checkpoint_storage)

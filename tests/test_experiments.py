@@ -43,8 +43,7 @@ CLUSTER_OUTPUT_DIR = "/tmp/llm_finetuning"
 
 def _experiment_files() -> list[Path]:
     return sorted(
-        p for p in EXPERIMENTS.rglob("*.y*ml")
-        if not any(d in p.parents for d in LAUNCHER_DIRS)
+        p for p in EXPERIMENTS.rglob("*.y*ml") if not any(d in p.parents for d in LAUNCHER_DIRS)
     )
 
 
@@ -128,7 +127,8 @@ def concrete_trials(hparams: dict[str, Any], searcher: str) -> list[dict[str, An
         first = [c[0] for c in choices]
         combos = [tuple(first)] + [
             tuple(v if j == i else first[j] for j in range(len(first)))
-            for i, c in enumerate(choices) for v in c[1:]
+            for i, c in enumerate(choices)
+            for v in c[1:]
         ]
     trials = []
     for combo in combos:
@@ -255,8 +255,12 @@ def test_deepspeed_config(path: Path) -> None:
     assert ds.is_zero3() == (stage == 3)
     assert ds.is_offload() == path.stem.endswith("_offload")
     # Batch sizes, accumulation and clipping come from training_args, never from two places.
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "train_batch_size", "gradient_clipping"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "train_batch_size",
+        "gradient_clipping",
+    ):
         assert config[key] == "auto", key
     assert config["bf16"]["enabled"] == "auto"
     if stage == 3:
@@ -293,16 +297,28 @@ def test_context_directory_fits_and_carries_the_trial() -> None:
 
     uploaded = context.read_v1_context(REPO_ROOT)  # raises past Determined's size limit
     files = {f.path for f in uploaded}
-    for needed in ("startup-hook.sh", "pyproject.toml", "trainer/finetune.py",
-                   "experiments/ds_configs/zero3.json", "experiments/lora-asha.yaml"):
+    for needed in (
+        "startup-hook.sh",
+        "pyproject.toml",
+        "trainer/finetune.py",
+        "experiments/ds_configs/zero3.json",
+        "experiments/lora-asha.yaml",
+    ):
         assert needed in files, needed
     assert not [f for f in files if f.startswith((".git/", "runs/", "tests/"))]
     assert sum(len(f.content) for f in uploaded) < constants.MAX_CONTEXT_SIZE
 
     spec = detignore._build_detignore_pathspec(REPO_ROOT)
-    for ignored in ("runs/exp/trial-1/checkpoints/x/model.safetensors", "mlruns/0/meta.yaml",
-                    ".venv/lib/site.py", "data/spider/train.json", "mlflow.db",
-                    "experiments/checkpoint-7/optimizer.pt", "weights.gguf", ".git/HEAD"):
+    for ignored in (
+        "runs/exp/trial-1/checkpoints/x/model.safetensors",
+        "mlruns/0/meta.yaml",
+        ".venv/lib/site.py",
+        "data/spider/train.json",
+        "mlflow.db",
+        "experiments/checkpoint-7/optimizer.pt",
+        "weights.gguf",
+        ".git/HEAD",
+    ):
         assert spec.match_file(ignored), ignored
     for kept in ("dataset_utils/data_sources.py", "evaluation/data/x.py", "cluster/README.md"):
         assert not spec.match_file(kept), kept
@@ -339,15 +355,22 @@ def _run_hook(tmp_path: Path, torch_version: str) -> tuple[int, str, str]:
     fake.chmod(0o755)
     log = tmp_path / "hook.log"
     env = {
-        **os.environ, "DET_PYTHON_EXECUTABLE": str(fake), "HOOK_LOG": str(log),
-        "FAKE_TORCH": torch_version, "REAL_PYTHON": bare_python(),
+        **os.environ,
+        "DET_PYTHON_EXECUTABLE": str(fake),
+        "HOOK_LOG": str(log),
+        "FAKE_TORCH": torch_version,
+        "REAL_PYTHON": bare_python(),
         # No nvidia-smi: a CPU container.
         "PATH": os.pathsep.join(["/usr/bin", "/bin"]),
     }
     # As Determined's entrypoint does: `set -e`, then source the hook from the context dir.
     proc = subprocess.run(
         ["bash", "-c", f"set -e; source {HOOK}; echo entrypoint-continues"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return proc.returncode, proc.stdout + proc.stderr, log.read_text() if log.exists() else ""
 

@@ -51,7 +51,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MISTRAL_V03_TEMPLATE = (
     '{%- if messages[0]["role"] == "system" %}'
     '{%- set system_message = messages[0]["content"] %}'
-    '{%- set loop_messages = messages[1:] %}'
+    "{%- set loop_messages = messages[1:] %}"
     "{%- else %}"
     "{%- set loop_messages = messages %}"
     "{%- endif %}"
@@ -138,7 +138,9 @@ def _llama3(base: Any) -> Any:
             "bos_token": "<|begin_of_text|>",
             "eos_token": "<|eot_id|>",  # as in Llama-3-Instruct's generation config
             "additional_special_tokens": [
-                "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|end_of_text|>",
             ],
         },
         replace_extra_special_tokens=False,
@@ -179,14 +181,24 @@ EXPECTED_PLAN = {
 def examples() -> list[Example]:
     """Varied rows: multi-line schemas, INSERT rows, quotes, non-ASCII, a trailing ';'."""
     rows = [
-        *load_source(SourceSpec(format="clinton", path=str(FIXTURES / "clinton_sample.jsonl"))
-                     ).examples,
-        *load_source(SourceSpec(format="gretel", path=str(FIXTURES / "gretel_sample.parquet"))
-                     ).examples,
-        Example(question="Quel café a le plus d'avis ?", context="CREATE TABLE cafés (nom TEXT)",
-                sql="SELECT nom FROM cafés WHERE nom LIKE '%é%';", source="x"),
-        Example(question="Multi-line SQL?", context="CREATE TABLE t (a INT, b INT)",
-                sql="SELECT a,\n       b\nFROM t\nWHERE a = \"x\"", source="x"),
+        *load_source(
+            SourceSpec(format="clinton", path=str(FIXTURES / "clinton_sample.jsonl"))
+        ).examples,
+        *load_source(
+            SourceSpec(format="gretel", path=str(FIXTURES / "gretel_sample.parquet"))
+        ).examples,
+        Example(
+            question="Quel café a le plus d'avis ?",
+            context="CREATE TABLE cafés (nom TEXT)",
+            sql="SELECT nom FROM cafés WHERE nom LIKE '%é%';",
+            source="x",
+        ),
+        Example(
+            question="Multi-line SQL?",
+            context="CREATE TABLE t (a INT, b INT)",
+            sql='SELECT a,\n       b\nFROM t\nWHERE a = "x"',
+            source="x",
+        ),
     ]
     return rows
 
@@ -307,7 +319,7 @@ def test_exact_mask(name: str, tokenizers: dict[str, Any], examples: list[Exampl
         text = tok.decode(prompt, skip_special_tokens=False)
         if plan.add_bos:
             assert prompt[0] == tok.bos_token_id
-            text = text[len(tok.bos_token):]
+            text = text[len(tok.bos_token) :]
         assert text == render_prompt(e, tok, plan)
 
 

@@ -22,8 +22,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     schema_a = "CREATE TABLE singer (name TEXT, age INT, country TEXT)"
     schema_b = "CREATE TABLE head (age INTEGER, name TEXT, born_state TEXT)"
-    questions_a = ["How many singers?", "Names of singers over 30?", "Countries?",
-                   "Which singer is the oldest of all the singers in the table?"]
+    questions_a = [
+        "How many singers?",
+        "Names of singers over 30?",
+        "Countries?",
+        "Which singer is the oldest of all the singers in the table?",
+    ]
     questions_b = ["How many heads are older than 56?", "List names.", "States?"]
     examples = [Example(q, schema_a, "SELECT 1", "t") for q in questions_a]
     examples += [Example(q, schema_b, "SELECT 1", "t") for q in questions_b]
@@ -35,8 +39,9 @@ def _one_at_a_time(model, tok, plan, examples, n):
     from evaluation.generation import generate_sql
 
     return [
-        generate_sql(model, tok, [e], plan, batch_size=1, max_new_tokens=n, progress=False,
-                     engine="hf").raw[0]
+        generate_sql(
+            model, tok, [e], plan, batch_size=1, max_new_tokens=n, progress=False, engine="hf"
+        ).raw[0]
         for e in examples
     ]
 
@@ -47,8 +52,16 @@ def test_prefix_engine_equals_one_at_a_time(setup, batch_size: int) -> None:
 
     model, tok, plan, examples = setup
     want = _one_at_a_time(model, tok, plan, examples, 12)
-    got = generate_sql(model, tok, examples, plan, batch_size=batch_size, max_new_tokens=12,
-                       progress=False, engine="prefix")
+    got = generate_sql(
+        model,
+        tok,
+        examples,
+        plan,
+        batch_size=batch_size,
+        max_new_tokens=12,
+        progress=False,
+        engine="prefix",
+    )
     assert got.raw == want
     assert got.new_tokens > 0
 
@@ -61,12 +74,21 @@ def test_rows_stop_at_their_own_stop_token(setup) -> None:
     model, tok, plan, examples = setup
     prompts, prefix = encode_prompt_parts(examples, tok, plan)
     # Make every token a "stop" for row outputs: each row then emits exactly one token.
-    first = _prefix_cached_greedy(model, prompts, prefix, list(range(len(tok))), batch_size=8,
-                                  max_new_tokens=5, progress=False, desc="")
+    first = _prefix_cached_greedy(
+        model,
+        prompts,
+        prefix,
+        list(range(len(tok))),
+        batch_size=8,
+        max_new_tokens=5,
+        progress=False,
+        desc="",
+    )
     assert all(t == [] for t in first)  # the stop token itself is cut
     stops = stop_token_ids(tok, plan)
-    out = _prefix_cached_greedy(model, prompts, prefix, stops, batch_size=8, max_new_tokens=5,
-                                progress=False, desc="")
+    out = _prefix_cached_greedy(
+        model, prompts, prefix, stops, batch_size=8, max_new_tokens=5, progress=False, desc=""
+    )
     assert all(len(t) <= 5 and not set(t) & set(stops) for t in out)
 
 
@@ -82,8 +104,16 @@ def test_peft_adapter_model_matches(setup, tmp_path: Path) -> None:
     )
     try:
         want = _one_at_a_time(peft_model, tok, plan, examples[:5], 8)
-        got = generate_sql(peft_model, tok, examples[:5], plan, batch_size=4, max_new_tokens=8,
-                           progress=False, engine="prefix")
+        got = generate_sql(
+            peft_model,
+            tok,
+            examples[:5],
+            plan,
+            batch_size=4,
+            max_new_tokens=8,
+            progress=False,
+            engine="prefix",
+        )
         assert got.raw == want
     finally:
         peft_model.unload()

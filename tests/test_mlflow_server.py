@@ -370,7 +370,7 @@ def test_pyfunc_from_alias_round_trips_20_prompts(
     frame = pd.DataFrame(
         [{"question": e.question, "context": e.context} for e in in_memory["examples"]]
     )
-    got = list(model.predict(frame, params={"max_new_tokens": MAX_NEW_TOKENS}))
+    got = list(model.predict(frame, params={"max_new_tokens": MAX_NEW_TOKENS})["sql"])
     assert len(got) == 20
     assert got == in_memory["sql"]
     # Not vacuous: the model really generates (non-empty, not all the same answer).
@@ -458,7 +458,8 @@ def test_models_serve_answers_invocations(
     print(f"models serve up in {up:.1f} s")
     predictions = answer["predictions"]
     assert isinstance(predictions, list) and len(predictions) == 1
-    got = predictions[0]
+    got = predictions[0]["sql"]
+    assert set(predictions[0]) == {"sql"}  # no execution asked: the SQL only
     assert isinstance(got, str) and got == expected
     assert got.upper().startswith("SELECT") and _parses(got)
 

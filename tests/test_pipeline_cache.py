@@ -36,11 +36,13 @@ def _rows(n: int = 40) -> list[dict[str, str]]:
     for i in range(n):
         # A few long schemas so max_length changes what is kept.
         cols = ", ".join(f"c{j} INTEGER" for j in range(3 + (i % 5) * 12))
-        rows.append({
-            "answer": f"SELECT c0 FROM t{i} WHERE c1 = {i}",
-            "question": f"Which c0 has c1 equal to {i}?",
-            "context": f"CREATE TABLE t{i} ({cols})",
-        })
+        rows.append(
+            {
+                "answer": f"SELECT c0 FROM t{i} WHERE c1 = {i}",
+                "question": f"Which c0 has c1 equal to {i}?",
+                "context": f"CREATE TABLE t{i} ({cols})",
+            }
+        )
     return rows
 
 
@@ -141,10 +143,12 @@ CHANGES: dict[str, dict[str, Any]] = {
     },
     "split_seed": {"split": {"train": 0.8, "valid": 0.1, "test": 0.1, "seed": 7}},
     "split_fractions": {"split": {"train": 0.7, "valid": 0.15, "test": 0.15, "seed": 123}},
-    "split_group_by": {"split": {"train": 0.8, "valid": 0.1, "test": 0.1, "seed": 123,
-                                 "group_by": "sql"}},
-    "split_group_by_db": {"split": {"train": 0.8, "valid": 0.1, "test": 0.1, "seed": 123,
-                                    "group_by": "db"}},
+    "split_group_by": {
+        "split": {"train": 0.8, "valid": 0.1, "test": 0.1, "seed": 123, "group_by": "sql"}
+    },
+    "split_group_by_db": {
+        "split": {"train": 0.8, "valid": 0.1, "test": 0.1, "seed": 123, "group_by": "db"}
+    },
     "test_sample": {"test_sample": 3},
     "test_sample_seed": {"test_sample": 3, "test_sample_seed": 1},
     "max_length": {"max_length": 512},
@@ -176,10 +180,14 @@ def test_source_use_change_is_a_miss(env: Env, smollm2: Any, tmp_path: Path) -> 
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps(r) + "\n" for r in _rows(12)), encoding="utf-8")
     sources = [SourceSpec(format="sql-create-context", path=str(env.data))]
-    as_split = _prepare(env, smollm2, sources=[*sources, SourceSpec(
-        format="sql-create-context", path=str(other))])
-    as_test = _prepare(env, smollm2, sources=[*sources, SourceSpec(
-        format="sql-create-context", path=str(other), use="test")])
+    as_split = _prepare(
+        env, smollm2, sources=[*sources, SourceSpec(format="sql-create-context", path=str(other))]
+    )
+    as_test = _prepare(
+        env,
+        smollm2,
+        sources=[*sources, SourceSpec(format="sql-create-context", path=str(other), use="test")],
+    )
     assert as_test.report["cache"] == "miss" and as_test.cache_path != as_split.cache_path
     # The 12 rows of the second file (copies of the first file's first 12) are all in the
     # test split, once each, and none of them is left in train or valid.

@@ -56,8 +56,14 @@ def test_lora_training_loss_decreases_and_only_adapter_changes(
     assert cps and cps[-1]["steps_completed"] == 12
     ckpt = trial.checkpoint_path(cps[-1]["uuid"])
     # Determined layout + our manifest, weights as safetensors.
-    for name in ("metadata.json", "text2sql.json", "adapter_model.safetensors",
-                 "adapter_config.json", "tokenizer.json", "trainer_state.json"):
+    for name in (
+        "metadata.json",
+        "text2sql.json",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "trainer_state.json",
+    ):
         assert (ckpt / name).is_file(), name
     meta = json.loads((ckpt / "metadata.json").read_text())
     assert meta["steps_completed"] == 12 and "eval_execution_accuracy" in meta["metrics"]
@@ -74,8 +80,14 @@ def test_lora_training_loss_decreases_and_only_adapter_changes(
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     merged_base = loaded.model.get_base_model().state_dict()
     for k, v in base.state_dict().items():
-        key = next((m for m in merged_base if m.endswith(k.replace(".weight", ".base_layer.weight"))
-                    or m == k), None)
+        key = next(
+            (
+                m
+                for m in merged_base
+                if m.endswith(k.replace(".weight", ".base_layer.weight")) or m == k
+            ),
+            None,
+        )
         assert key is not None, k
         assert torch.equal(merged_base[key], v), f"base weight {k} changed"
 
@@ -86,13 +98,13 @@ def test_lora_training_loss_decreases_and_only_adapter_changes(
     assert "eval_execution_accuracy" in hist["validation"][-1][1]
 
 
-def test_full_finetune_changes_every_weight(isolated: Path, tiny_llama: Path,
-                                            spider_dir: Path) -> None:
+def test_full_finetune_changes_every_weight(
+    isolated: Path, tiny_llama: Path, spider_dir: Path
+) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    exp = tiny.write_experiment(isolated / "exp.yaml", tiny_llama, method="full", steps=3,
-                                lr=1e-3)
+    exp = tiny.write_experiment(isolated / "exp.yaml", tiny_llama, method="full", steps=3, lr=1e-3)
     result = _train(exp, isolated / "runs")
     ckpt = result.trial.checkpoint_path(result.trial.checkpoints()[-1]["uuid"])
     trained = load_file(str(ckpt / "model.safetensors"))
@@ -101,8 +113,9 @@ def test_full_finetune_changes_every_weight(isolated: Path, tiny_llama: Path,
     assert set(changed) == set(trained), set(trained) - set(changed)
 
 
-def test_mirror_to_mlflow_round_trip_identical(isolated: Path, tiny_llama: Path,
-                                               spider_dir: Path) -> None:
+def test_mirror_to_mlflow_round_trip_identical(
+    isolated: Path, tiny_llama: Path, spider_dir: Path
+) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -137,15 +150,24 @@ def test_mirror_to_mlflow_round_trip_identical(isolated: Path, tiny_llama: Path,
     trial = result.trial
     loaded = load_checkpoint(trial.checkpoint_path(trial.checkpoints()[-1]["uuid"]))
     examples = test_examples(loaded)
-    expected = generate_sql(loaded.model, loaded.tokenizer, examples, loaded.plan,
-                            batch_size=8, max_new_tokens=12, progress=False).sql
+    expected = generate_sql(
+        loaded.model,
+        loaded.tokenizer,
+        examples,
+        loaded.plan,
+        batch_size=8,
+        max_new_tokens=12,
+        progress=False,
+    ).sql
     mlflow.set_tracking_uri(uri)
     pyfunc = mlflow.pyfunc.load_model("models:/tiny/1")
     import pandas as pd
 
-    got = pyfunc.predict(pd.DataFrame([{"question": e.question, "context": e.context}
-                                       for e in examples]), params={"max_new_tokens": 12})
-    assert list(got) == expected
+    got = pyfunc.predict(
+        pd.DataFrame([{"question": e.question, "context": e.context} for e in examples]),
+        params={"max_new_tokens": 12},
+    )
+    assert list(got["sql"]) == expected
 
     # What the MLflow UI shows (issue 17): the splits as datasets, a GenAI experiment whose
     # "Evaluation runs" hold base and fine-tuned, the judge's figures on the logged model.

@@ -95,8 +95,8 @@ def make_tiny_model(path: Path, arch: str = "llama", *, seed: int = 0) -> Path:
         # logits that a LoRA adapter can barely move, so "loss goes down" tests would be weak.
         initializer_range=0.3,
     )
-    config = MistralConfig(**common, sliding_window=None) if arch == "mistral" else LlamaConfig(
-        **common
+    config = (
+        MistralConfig(**common, sliding_window=None) if arch == "mistral" else LlamaConfig(**common)
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -46,6 +46,11 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         f"training finished: {summary.get('global_step')} steps in "
         f"{summary.get('seconds', 0):.0f} s; trial folder {result.trial.path}"
     )
+    from evaluation.curves import trial_curves
+
+    curves = trial_curves(result.trial.path)
+    if curves:
+        print(f"curves: {curves}")
     if ns.no_mirror:
         return 0
     from cluster.mirror import mirror_local_trial
@@ -55,13 +60,29 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
 
 def _cmd_validate(ns: argparse.Namespace) -> int:
+    from cluster.expconf import ENV_SCHEMA_DIR, default_schema_dir
     from trainer.experiment import load_experiment
 
+    if ns.schemas:
+        os.environ[ENV_SCHEMA_DIR] = ns.schemas
+    # Schemas the user pointed at must exist; without any, the project's own field checks run.
+    explicit = bool(ns.schemas or os.environ.get(ENV_SCHEMA_DIR))
+    full = default_schema_dir().is_dir()
+    if not full and not explicit:
+        import logging
+
+        logging.getLogger("trainer.experiment").setLevel(logging.ERROR)  # the notice below says it
+        print(
+            f"note: Determined's expconf schemas are not at {default_schema_dir()}: checking the "
+            "fields this project reads (types, ranges, unknown keys) and the trainer's "
+            "hyperparameters. For Determined's full schema check, pass --schemas <Determined's "
+            f"schemas/expconf/v0> or set {ENV_SCHEMA_DIR}"
+        )
     for path in ns.experiments:
-        exp = load_experiment(path, ns.set, schema_required=True)
+        exp = load_experiment(path, ns.set, schema_required=explicit)
         print(
             f"ok: {path} ({exp.launcher} launcher, {exp.slots} slot(s), method "
-            f"{exp.hparams.method})"
+            f"{exp.hparams.method}; {'Determined schema' if full else 'project field checks'})"
         )
     return 0
 
@@ -89,6 +110,8 @@ def _add_decoding_arg(p: argparse.ArgumentParser) -> None:
         help="override the checkpoint's eval.decoding for this evaluation (repeatable): "
         "num_beams=4, execution_guided=true, schema_constrained=true",
     )
+
+
 def _cmd_memory(ns: argparse.Namespace) -> int:
     from trainer.experiment import _context_dir, apply_overrides, read_yaml
     from trainer.memory import estimate, gpu_needed, markdown_table, max_tokens, plan_for_experiment
@@ -150,6 +173,12 @@ def _cmd_mirror(ns: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
+    if getattr(ns, "model", None) or getattr(ns, "data", None):
+        from trainer.cli_model import cmd_evaluate_any
+
+        if ns.command == "compare":
+            raise UserError("compare takes --checkpoint or --trial-dir (base vs fine-tuned)")
+        return cmd_evaluate_any(ns)
     from evaluation.checkpoint_eval import (
         compare_models,
         decoding_with,
@@ -189,6 +218,13 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
     )
     print(summary_table(comparison.results))
     print(f"\nreport: {paths['markdown']}\njson:   {paths['json']}\nchart:  {paths['png']}")
+    from cluster.model_ref import checkpoint_folder
+    from evaluation.curves import trial_curves
+
+    trial = (checkpoint_folder(ckpt) or (ckpt, None))[1]
+    curves = trial_curves(trial, out / "curves.png") if trial is not None else None
+    if curves:
+        print(f"curves: {curves}")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         run_id = log_report_to_mlflow(paths, comparison.results, run_name=f"evaluate-{ckpt.name}")
         print(f"logged to MLflow run {run_id}")
@@ -211,6 +247,11 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", help="a checkpoint folder (with text2sql.json)")
     g.add_argument("--trial-dir", help="a local trial folder: its best checkpoint is used")
+    g.add_argument(
+        "--model",
+        help="any model: a checkpoint or trial folder, an MLflow URI (models:/<name>@<alias>), "
+        "an exported folder or a Hub id (a model without its own split needs --data)",
+    )
     p.add_argument(
         "--split",
         default="test",
@@ -228,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune LLMs on text-to-SQL with Determined experiment YAMLs, on a cluster "
         "or on this machine; evaluate by execution accuracy; ship to MLflow.",
     )
+    from trainer.cli_model import add_ask_parser, add_data_fetch_parser, add_export_parser, version
+
+    p.add_argument("--version", action="version", version=f"text2sql {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser(
@@ -279,21 +323,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("experiments", nargs="+")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument(
+        "--schemas",
+        metavar="DIR",
+        help="Determined's expconf JSON schemas (schemas/expconf/v0 of Determined's source; "
+        "default: $TEXT2SQL_EXPCONF_DIR or ../shared/determined/expconf-v0). Without them, "
+        "the fields this project reads are checked",
+    )
     v.set_defaults(func=_cmd_validate)
 
     e = sub.add_parser(
         "evaluate",
-        help="evaluate a checkpoint vs its base model (report + chart)",
-        description="Generation on the held-out split (the checkpoint's eval.decoding, or "
-        "--decoding), execution accuracy "
+        help="evaluate a checkpoint vs its base model, or any model on any data (report + charts)",
+        description="Generation (the checkpoint's eval.decoding, or --decoding) on the "
+        "checkpoint's held-out split (or, with --data, on any Spider-layout folder or "
+        "CSV/JSON(L) file with its database), execution accuracy "
         "in a read-only SQLite sandbox, exact match, valid/executable SQL, BLEU; "
         "writes report.json, report.md, per_example.csv and charts (exec_accuracy.png, "
-        "exec_accuracy_hardness.png per Spider hardness level, errors.png by error category); "
-        "logs to MLflow when MLFLOW_TRACKING_URI is set.",
+        "exec_accuracy_hardness.png per Spider hardness level, errors.png by error category, "
+        "and curves.png for a checkpoint of a local trial); logs to MLflow when "
+        "MLFLOW_TRACKING_URI is set.",
     )
     _add_checkpoint_args(e)
     e.add_argument("--limit", type=int, help="evaluate the first N examples only")
-    e.add_argument("--out", help="report folder (default: <checkpoint>/evaluation)")
+    e.add_argument(
+        "--out",
+        help="report folder (default: <checkpoint>/evaluation; with --data or a non-checkpoint "
+        "model: ./evaluation/<model>-<data>)",
+    )
+    from trainer.cli_model import add_evaluate_data_args
+
+    add_evaluate_data_args(e)
     e.set_defaults(func=_cmd_evaluate)
 
     c = sub.add_parser(
@@ -336,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_inspect_arguments(di)
     di.set_defaults(func=run_inspect)
+    add_data_fetch_parser(dsub)
 
     m = sub.add_parser(
         "mirror",
@@ -370,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_arg(m)
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=_cmd_mirror)
+
+    add_ask_parser(sub)
+    add_export_parser(sub)
     return p
 
 

@@ -243,13 +243,15 @@ def resolve_hparams(hparams: dict[str, Any], notes: list[str], prefix: str = "")
     return out
 
 
-def check_schema(config: dict[str, Any], path: Path, *, required: bool = False) -> None:
+def check_schema(config: dict[str, Any], path: Path, *, required: bool = False) -> str:
     """Validate against Determined's expconf JSON Schemas when they are available.
 
     The schemas come from ``../shared/determined/expconf-v0`` or ``$TEXT2SQL_EXPCONF_DIR``. A
-    user's machine may have neither: `text2sql run` then warns and goes on (the trainer's own
-    dataclasses still check every hyperparameter), while `text2sql validate` (``required``)
-    stops with the message saying where to put them.
+    user's machine may have neither: the fields this project reads are then checked by
+    `cluster.expconf_fields` (types, ranges, unknown top-level keys) with a warning naming
+    where to put the full schemas. ``required`` (the user pointed at schemas explicitly) makes
+    a missing schema directory an error instead. Returns ``"determined"`` or ``"project"``:
+    which check ran.
     """
     from cluster.expconf import default_schema_dir, validate_experiment
 
@@ -257,17 +259,26 @@ def check_schema(config: dict[str, Any], path: Path, *, required: bool = False) 
     if not required and not schema_dir.is_dir():
         import logging
 
+        from cluster.expconf_fields import field_errors
+
         logging.getLogger(__name__).warning(
-            "Determined expconf schemas not found at %s: skipping the schema check "
-            "(set TEXT2SQL_EXPCONF_DIR to Determined's schemas/expconf/v0 to enable it)",
+            "Determined expconf schemas not found at %s: skipping the schema check; checked "
+            "the fields this project reads instead (set TEXT2SQL_EXPCONF_DIR to Determined's "
+            "schemas/expconf/v0, or `text2sql validate --schemas DIR`, for the full check)",
             schema_dir,
         )
-        return
+        errors = field_errors(config)
+        if errors:
+            shown = "; ".join(e.replace("<config>.", "") for e in errors[:5])
+            more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+            raise UserError(f"{path}: not a valid experiment config: {shown}{more}")
+        return "project"
     errors = validate_experiment(config)
     if errors:
         shown = "; ".join(e.replace("<config>.", "") for e in errors[:5])
         more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
         raise UserError(f"{path}: not a valid Determined experiment config: {shown}{more}")
+    return "determined"
 
 
 def check_searcher(config: dict[str, Any], hp: Hyperparameters, path: Path) -> None:

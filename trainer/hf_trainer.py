@@ -432,6 +432,8 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
             mid = min(cuts, key=lambda c: abs(c - len(b) / 2)) if cuts else len(b) // 2
             batches[j : j + 1] = [b[:mid], b[mid:]]
         return batches
+
+
 def uses_liger_forward(model: Any, *, fused: bool = False) -> bool:
     """Whether ``model``'s causal-LM forward was replaced by Liger's (``use_liger_kernel``).
 
