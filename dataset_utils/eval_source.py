@@ -129,4 +129,10 @@ def load_eval_examples(
         ]
     if not examples:
         raise UserError(f"--data {data}: no rows")
+    bare = sum(1 for e in examples if not e.db_path and not e.context.strip())
+    if bare:
+        raise UserError(
+            f"--data {data}: {bare} of {len(examples)} rows carry neither a schema (context "
+            "column) nor a database: give --db <SQLite file they run on>"
+        )
     return with_difficulty(examples), loaded.origin

@@ -307,20 +307,25 @@ def read_table(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def _local_data_hint(spec: SourceSpec) -> str:
+    """Where the local data was looked for, for an error ("" when no folder is configured)."""
+    base, default = shared_data_dir(), FORMATS[spec.format].local_default
+    if base is None or not default:
+        return ""
+    if not base.is_dir():
+        return (
+            f"; the local data directory {base} does not exist (on a cluster: is the "
+            "experiment's bind mount there? cluster/README.md, 'Data')"
+        )
+    return f"; the local data directory {base} has no {' or '.join(default)}"
+
+
 def _load_hub(spec: SourceSpec) -> tuple[list[dict[str, Any]], str, str]:
     hub_id = spec.hub_id or FORMATS[spec.format].hub_id
     if hub_id is None:
         raise UserError(f"format {spec.format!r} has no Hub dataset; give data path=<file>")
     if hub_offline():
-        base, default = shared_data_dir(), FORMATS[spec.format].local_default
-        where = ""
-        if base is not None and default:
-            where = f"; the local data directory {base} has no {default}"
-            if not base.is_dir():
-                where = (
-                    f"; the local data directory {base} does not exist (on a cluster: is the "
-                    "experiment's bind mount there? cluster/README.md, 'Data')"
-                )
+        where = _local_data_hint(spec)
         raise UserError(
             f"dataset {hub_id!r} is not available locally and the HuggingFace Hub is offline "
             f"(HF_HUB_OFFLINE=1){where}. Point the loader at local files: set the source's `path` "
@@ -523,7 +528,10 @@ def load_source(spec: SourceSpec, data_dir: Path | None = None) -> LoadedSource:
             local = downloads.fetched_path(official)
             if local is None and hub_offline():
                 first = next(iter(FORMATS[spec.format].local_default), None)
-                raise UserError(downloads.offline_message(official, first))
+                raise UserError(
+                    f"dataset {spec.format!r}{_local_data_hint(spec)}. "
+                    + downloads.offline_message(official, first)
+                )
             local = local or downloads.fetch(official.name)
 
     database_dir = Path(spec.database_dir).expanduser() if spec.database_dir else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +84,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main()
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind() -> Any:
+    """Tests that run a trial in-process (the real ``det.core.init`` / Trainer under launcher
+    environment variables) leave torch's default process group initialized, as a trial process
+    would at exit; a later in-process test that builds its own group would then fail with
+    "trying to initialize the default process group twice". Each test starts without one, as
+    each trial starts in a fresh process."""
+    yield
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -399,5 +399,5 @@ def test_decoding_is_recorded_and_the_served_model_decodes_the_same_way(
     assert rows
     pyfunc = mlflow.pyfunc.load_model(mirrored.model_uri)
     frame = pd.DataFrame([{"question": e.question, "context": e.context} for e, _ in rows])
-    served = list(pyfunc.predict(frame, params={"max_new_tokens": 8}))
+    served = list(pyfunc.predict(frame, params={"max_new_tokens": 8})["sql"])
     assert served == [r["fine-tuned_sql"] for _, r in rows]

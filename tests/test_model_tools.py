@@ -467,6 +467,8 @@ def test_evaluate_on_a_spider_folder_with_a_database_never_seen(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no ./runs/mlflow.db here
+    # Not logged anywhere: an MLflow client earlier in the session may have exported one.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from evaluation.answer import from_checkpoint
     from evaluation.checkpoint_eval import test_examples
 

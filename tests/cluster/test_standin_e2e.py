@@ -138,17 +138,20 @@ def test_single_slot_trial_completes_and_mirror_registers_the_best_checkpoint(
     assert run.data.tags["text2sql.checkpoint_uuid"] == best["uuid"]
     assert run.data.tags["text2sql.stage.registered"] == "1"
     assert run.data.params.get("method") == "lora"
-    # Metric history came from the master (GetMetrics), by step.
-    history = client.get_metric_history(run.info.run_id, "loss")
+    # Metric history came from the master (GetMetrics), by step ("loss" is logged as
+    # MLflow's train_loss).
+    history = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1))
     versions = client.search_model_versions("name='single-slot'")
     assert [str(v.version) for v in versions] == ["1"]
 
-    # Run twice: the second is a no-op (no new run, no new version).
+    # Run twice: the second is a no-op (no new run, no new version). The experiment also
+    # holds the base / fine-tuned evaluation runs.
+    n_runs = len(client.search_runs([run.info.experiment_id]))
     second = standin.text2sql(*args, TEXT2SQL_DATA=str(cluster_data))
     assert second.returncode == 0, second.stderr[-4000:]
     assert "nothing to do" in second.stdout
-    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert len(client.search_runs([run.info.experiment_id])) == n_runs
     assert len(client.search_model_versions("name='single-slot'")) == 1
     print(
         f"det e create -> COMPLETED: {trained_s:.1f} s ({trained_cpu:.1f} s CPU); "
