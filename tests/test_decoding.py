@@ -217,15 +217,17 @@ def test_constraint_cannot_end_before_a_used_alias_is_defined() -> None:
     assert _feed(context, "SELECT name FROM singer;\nSELECT") is None  # one statement
 
 
-def test_constraint_accepts_every_spider_dev_gold_query(spider_dir: Path) -> None:
-    """Recall: the constraint never blocks a correct Spider dev query (with its own schema)."""
+@pytest.mark.parametrize("style", ["ddl", "compact", "columns"])
+def test_constraint_accepts_every_spider_dev_gold_query(spider_dir: Path, style: str) -> None:
+    """Recall: the constraint never blocks a correct Spider dev query (with its own schema,
+    in each prompt style)."""
     from dataset_utils.schema import schema_from_sqlite
 
     rejected = []
     rows = [json.loads(line) for line in (spider_dir / "dev.jsonl").open()]
     for r in rows:
         db = spider_dir / "database" / r["db_id"] / f"{r['db_id']}.sqlite"
-        if not _complete_query(schema_from_sqlite(str(db), "ddl"), r["query"]):
+        if not _complete_query(schema_from_sqlite(str(db), style), r["query"]):
             rejected.append(r["query"])
     assert len(rows) > 900 and rejected == []
 
