@@ -29,6 +29,7 @@ k candidates by running them).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from dataset_utils.records import Example
 
 if TYPE_CHECKING:
     from evaluation.schema_constraint import SchemaConstraint
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,11 +126,19 @@ def generate_sql(
     if engine == "auto":
         engine = "hf" if synced_gpus or repetition_penalty != 1.0 else "prefix"
     constraint = None
-    contexts = [e.context for e in examples]
+    contexts = [(e.context, e.db_path) for e in examples]
     if schema_constrained:
         from evaluation.schema_constraint import SchemaConstraint
 
         constraint = SchemaConstraint(tokenizer, stops)
+        free = sum(1 for c, d in contexts if constraint.initial_state(c, d)[0] is None)
+        if free:
+            logger.warning(
+                "schema_constrained: %d of %d prompts show no CREATE TABLE the constraint can "
+                "read; they are decoded unconstrained",
+                free,
+                len(contexts),
+            )
     start = time.perf_counter()
     if engine == "prefix" and num_beams == 1:
         found = [
@@ -318,7 +329,7 @@ def _prefix_cached_greedy(
     progress: bool,
     desc: str,
     constraint: SchemaConstraint | None = None,
-    contexts: Sequence[str] | None = None,
+    contexts: Sequence[tuple[str, str | None]] | None = None,
 ) -> list[list[int]]:
     import torch
     from tqdm.auto import tqdm
@@ -335,7 +346,7 @@ def _prefix_cached_greedy(
             logits, cache, mask, last_pos = engine.prefill(rows)
             alive = torch.arange(n, device=engine.device)
             states = (
-                [constraint.initial_state(contexts[i]) for i in rows]  # type: ignore[index]
+                [constraint.initial_state(*contexts[i]) for i in rows]  # type: ignore[index]
                 if constraint is not None
                 else []
             )
@@ -372,7 +383,7 @@ def _prefix_cached_beam(
     progress: bool,
     desc: str,
     constraint: SchemaConstraint | None = None,
-    contexts: Sequence[str] | None = None,
+    contexts: Sequence[tuple[str, str | None]] | None = None,
 ) -> list[list[list[int]]]:
     """Beam search on the prefix cache; per prompt, up to k finished hypotheses, best first.
 
@@ -405,7 +416,7 @@ def _prefix_cached_beam(
             width = 1  # beams per alive prompt in the cache (k after the first token)
             seqs: list[list[int]] = [[] for _ in rows]
             states: list[Any] = (
-                [constraint.initial_state(contexts[i]) for i in rows]  # type: ignore[index]
+                [constraint.initial_state(*contexts[i]) for i in rows]  # type: ignore[index]
                 if constraint is not None
                 else []
             )
@@ -483,7 +494,7 @@ def _hf_generate(
     repetition_penalty: float,
     num_beams: int = 1,
     constraint: SchemaConstraint | None = None,
-    contexts: Sequence[str] | None = None,
+    contexts: Sequence[tuple[str, str | None]] | None = None,
 ) -> list[list[list[int]]]:
     """``model.generate`` with left padding; per prompt, its candidates best first."""
     import torch
@@ -511,7 +522,7 @@ def _hf_generate(
                 processors.append(
                     _ConstraintProcessor(
                         constraint,
-                        [constraint.initial_state(contexts[i]) for i in idx],  # type: ignore[index]
+                        [constraint.initial_state(*contexts[i]) for i in idx],  # type: ignore[index]
                         width,
                         k,
                         1 if k == 1 else max(2, 1 + len(stops)) * k,

@@ -40,18 +40,27 @@ should. Identifiers with characters outside letters, digits and ``_`` must be qu
 Usage (the generation engines do this; see `evaluation.generation`)::
 
     c = SchemaConstraint(tokenizer, stop_ids)
-    state = c.initial_state(example.context)
+    state = c.initial_state(example.context, example.db_path)
     scores = c.mask(scores, [state] * rows, need=1)      # disallowed tokens -> -inf
     state = c.advance(state, chosen_token_id)
+
+The schema is the one the prompt shows (`schema_names`): the ``CREATE TABLE`` statements of
+the context, in any rendering the project produces or a user context carries
+(`dataset_utils.schema.parse_tables`), with the columns read from the SQLite file when the row
+has one (``db_path``). A row whose prompt shows no table the parser can read is decoded
+unconstrained (generation logs how many): forbidding every name would only force garbage.
 """
 
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
+
+from dataset_utils.schema import parse_tables, read_tables
 
 # SQLite's keywords (sqlite.org/lang_keywords.html), its built-in scalar, aggregate, date and
 # window functions, and common type names (CAST targets).
@@ -141,18 +150,27 @@ _KEYWORD_PREFIXES = _prefixes(KEYWORDS)
 
 
 @lru_cache(maxsize=4096)
-def schema_names(context: str) -> SchemaNames:
-    """Tables and columns declared by the ``CREATE TABLE`` statements of ``context``."""
-    from evaluation.synth_db import parse_schema
+def schema_names(context: str, db_path: str | None = None) -> SchemaNames:
+    """Tables and columns of the schema the prompt shows.
 
-    try:
-        tables = parse_schema(context) if context.strip() else {}
-    except Exception:  # noqa: BLE001 - an unparseable schema constrains to keywords only
-        tables = {}
-    table_columns = {
-        name.lower(): frozenset(c.name.lower() for c in spec.columns)
-        for name, spec in tables.items()
-    }
+    The tables are those ``context`` declares (`dataset_utils.schema.parse_tables`: every
+    prompt rendering -- ``ddl`` / ``compact`` / ``columns``, sample values, pruned tables --
+    and user contexts). With ``db_path`` (Spider rows), the columns of those tables come from
+    the SQLite file itself (`dataset_utils.schema.read_tables`), and when the text names none
+    of its tables (a context in some other format), every table of the file counts.
+    """
+    tables = list(parse_tables(context)) if context.strip() else []
+    if db_path:
+        try:
+            in_file = {t.name.lower(): t for t in read_tables(db_path)}
+        except (sqlite3.Error, OSError):
+            in_file = {}
+        shown = [in_file.get(t.name.lower(), t) for t in tables]
+        tables = shown if any(t.name.lower() in in_file for t in tables) else list(in_file.values())
+    table_columns: dict[str, frozenset[str]] = {}
+    for t in tables:
+        cols = frozenset(c.lower() for c, _ in t.columns)
+        table_columns[t.name.lower()] = table_columns.get(t.name.lower(), frozenset()) | cols
     columns = frozenset(c for cols in table_columns.values() for c in cols)
     names = frozenset(table_columns)
     return SchemaNames(
@@ -443,7 +461,9 @@ def token_texts(tokenizer: Any) -> tuple[str, ...]:
     )
 
 
-Row = tuple[Lexer, State]
+# A row's lexer is None when the prompt shows no schema the constraint can read: that row is
+# decoded unconstrained (forbidding every name would only force garbage).
+Row = tuple[Lexer | None, State]
 
 
 class SchemaConstraint:
@@ -457,22 +477,27 @@ class SchemaConstraint:
         self.texts = vocab.texts
         self.trie = vocab.trie
         self.stops = frozenset(int(t) for t in stop_ids)
-        self._lexers: dict[str, Lexer] = {}
+        self._lexers: dict[tuple[str, str | None], Lexer | None] = {}
         self._advance: dict[tuple[int, State, int], State | None] = {}
         self._allowed_all: dict[tuple[int, State], list[int]] = {}
 
-    def _lexer(self, context: str) -> Lexer:
-        lex = self._lexers.get(context)
-        if lex is None:
-            lex = self._lexers[context] = Lexer(schema_names(context))
-        return lex
+    def _lexer(self, context: str, db_path: str | None) -> Lexer | None:
+        key = (context, db_path)
+        if key not in self._lexers:
+            names = schema_names(context, db_path)
+            self._lexers[key] = Lexer(names) if names.tables else None
+        return self._lexers[key]
 
-    def initial_state(self, context: str) -> Row:
-        return (self._lexer(context), State())
+    def initial_state(self, context: str, db_path: str | None = None) -> Row:
+        """The start of one row: the schema of ``context`` (and ``db_path``, see
+        `schema_names`); a row whose prompt shows no table is not constrained."""
+        return (self._lexer(context, db_path), State())
 
     def advance(self, row: Row, token: int) -> Row | None:
         """The row's state after ``token``, or None when the token is not allowed."""
         lex, s = row
+        if lex is None:
+            return row
         if token in self.stops:
             return row if lex.can_stop(s) else None
         if token >= len(self.texts) or not self.texts[token]:
@@ -545,6 +570,9 @@ class SchemaConstraint:
 
         out = torch.full_like(scores, float("-inf"))
         for r, row in enumerate(rows):
+            if row[0] is None:  # no schema: not constrained
+                out[r] = scores[r]
+                continue
             keep = self.allowed(row, scores[r], need)
             if not keep:  # nothing fits (cannot happen while a stop is allowed): end the row
                 keep = sorted(self.stops)

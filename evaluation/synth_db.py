@@ -8,11 +8,13 @@ it returns the gold result on every one of them.
 
 Generation strategy (deterministic given ``seed``; see `GENERATOR_VERSION`):
 
-1. The context is parsed with sqlglot, statement by statement. Dataset quirks are tolerated:
-   every column ``VARCHAR``, quoted or reserved-word names (all identifiers are re-quoted),
-   the same table defined twice (columns are merged), constraints (dropped, so random rows
-   never violate them). Declared types are kept, so SQLite's type affinity -- and therefore
-   how the gold query compares values -- is the same as on the original schema.
+1. The context is parsed with `dataset_utils.schema.parse_tables` (the parser every schema
+   reader shares). Dataset quirks are tolerated: every column ``VARCHAR``, columns without a
+   type (the ``compact`` / ``columns`` prompt styles), quoted or reserved-word names (all
+   identifiers are re-quoted), the same table defined twice (columns are merged),
+   constraints (dropped, so random rows never violate them). Declared types are kept, so
+   SQLite's type affinity -- and therefore how the gold query compares values -- is the same
+   as on the original schema.
 2. The gold query is analysed with sqlglot: literals compared with a column (``=``, ``<>``,
    ``<``, ``>``, ``LIKE``, ``IN``, ``BETWEEN``; also through ``LOWER(col)`` and the like) are
    attached to that column; columns equated with each other (join keys, ``IN (SELECT ...)``)
@@ -53,6 +55,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -64,6 +67,7 @@ from typing import Any
 import sqlglot
 from sqlglot import exp
 
+from dataset_utils.schema import parse_tables
 from dataset_utils.settings import cache_dir
 from evaluation._sqlast import (
     fix_double_quoted_strings,
@@ -74,7 +78,7 @@ from evaluation._sqlast import (
 )
 from evaluation.sandbox import run_readonly
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 DEFAULT_N_DBS = 4
 _REDRAWS = 3
 
@@ -140,28 +144,34 @@ def affinity_of(declared: str) -> str:
 def parse_schema(context: str) -> dict[str, TableSpec]:
     """Tables declared by ``CREATE TABLE`` statements in ``context`` (lower-case name -> spec).
 
-    Statements that do not parse or are not ``CREATE TABLE (...)`` are skipped; a table defined
-    twice gets the union of its columns.
+    Read by `dataset_utils.schema.parse_tables` (every prompt rendering, typeless columns,
+    MySQL types, a table declared twice: columns merged). A declared type SQLite could not
+    read back (``ENUM('a', 'b')``) is replaced by its affinity's name, so `schema_ddl` stays
+    runnable and the affinity is unchanged.
     """
     tables: dict[str, TableSpec] = {}
-    for stmt in split_statements(context):
-        tree = parse_query(stmt)
-        if not isinstance(tree, exp.Create) or str(tree.args.get("kind", "")).upper() != "TABLE":
-            continue
-        schema = tree.this
-        if not isinstance(schema, exp.Schema) or not isinstance(schema.this, exp.Table):
-            continue
-        name = schema.this.name
-        spec = tables.setdefault(name.lower(), TableSpec(name=name))
-        have = {c.name.lower() for c in spec.columns}
-        for cd in schema.expressions:
-            if not isinstance(cd, exp.ColumnDef) or cd.name.lower() in have:
-                continue
-            kind = cd.args.get("kind")
-            declared = kind.sql() if kind is not None else ""
-            spec.columns.append(ColumnSpec(cd.name, declared, affinity_of(declared)))
-            have.add(cd.name.lower())
-    return {k: v for k, v in tables.items() if v.columns}
+    for table in parse_tables(context):
+        columns = [
+            ColumnSpec(name, _sqlite_type(declared), affinity_of(declared))
+            for name, declared in table.columns
+        ]
+        tables[table.name.lower()] = TableSpec(name=table.name, columns=columns)
+    return tables
+
+
+# SQLite's type-name: identifiers, optionally followed by one or two signed numbers in
+# parentheses (``VARCHAR(255)``, ``DECIMAL(4, 2)``, ``character varchar(3)``).
+_SQLITE_TYPE = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(?:\s+[A-Za-z_][A-Za-z0-9_]*)*"
+    r"(?:\s*\(\s*[+-]?\d+(?:\.\d+)?\s*(?:,\s*[+-]?\d+(?:\.\d+)?\s*)?\))?"
+)
+_AFFINITY_TYPE = {"INTEGER": "INTEGER", "TEXT": "TEXT", "REAL": "REAL", "NUMERIC": "NUMERIC"}
+
+
+def _sqlite_type(declared: str) -> str:
+    if not declared or _SQLITE_TYPE.fullmatch(declared):
+        return declared
+    return _AFFINITY_TYPE.get(affinity_of(declared), "")
 
 
 def has_inserts(context: str) -> bool:

@@ -217,17 +217,211 @@ def test_constraint_cannot_end_before_a_used_alias_is_defined() -> None:
     assert _feed(context, "SELECT name FROM singer;\nSELECT") is None  # one statement
 
 
-def test_constraint_accepts_every_spider_dev_gold_query(spider_dir: Path) -> None:
-    """Recall: the constraint never blocks a correct Spider dev query (with its own schema)."""
+@pytest.mark.parametrize("style", ["ddl", "compact", "columns"])
+def test_constraint_accepts_every_spider_dev_gold_query(spider_dir: Path, style: str) -> None:
+    """Recall: the constraint never blocks a correct Spider dev query (with its own schema,
+    in each prompt style)."""
     from dataset_utils.schema import schema_from_sqlite
 
     rejected = []
     rows = [json.loads(line) for line in (spider_dir / "dev.jsonl").open()]
     for r in rows:
         db = spider_dir / "database" / r["db_id"] / f"{r['db_id']}.sqlite"
-        if not _complete_query(schema_from_sqlite(str(db), "ddl"), r["query"]):
+        if not _complete_query(schema_from_sqlite(str(db), style), r["query"]):
             rejected.append(r["query"])
     assert len(rows) > 900 and rejected == []
+
+
+# Every prompt rendering of a real Spider dev schema: (schema_style, source options).
+PROMPT_OPTIONS = [
+    (style, opts)
+    for style in ("ddl", "compact", "columns")
+    for opts in (
+        {},
+        {"sample_values": 3},
+        {"foreign_keys": "sqlite"},
+        {"foreign_keys": "tables_json"},
+        {"foreign_keys": "none"},
+        {"max_tables": 2},
+        {"max_tables": 3, "sample_values": 2, "foreign_keys": "tables_json"},
+    )
+]
+
+
+def _shown_tables(example, style: str, opts: dict, tables_json: str) -> tuple:
+    """The tables a Spider prompt shows, from the SQLite file (not from the text): kept by
+    ``max_tables``, with the columns, types, keys and foreign keys that style renders."""
+    from dataset_utils.schema import (
+        Table,
+        read_tables,
+        relevant_tables,
+        tables_json_foreign_keys,
+    )
+
+    tables = read_tables(example.db_path)
+    if opts.get("max_tables"):
+        kept = {
+            t.lower()
+            for t in relevant_tables(example.db_path, example.question, opts["max_tables"])
+        }
+        tables = tuple(t for t in tables if t.name.lower() in kept)
+    present = {t.name.lower() for t in tables}
+    fk_source = opts.get("foreign_keys") or ("none" if style == "columns" else "sqlite")
+    json_keys = tables_json_foreign_keys(tables_json, example.db_id)
+    out = []
+    for t in tables:
+        keys = {"sqlite": t.foreign_keys, "none": ()}.get(
+            fk_source, json_keys.get(t.name.lower(), ())
+        )
+        out.append(
+            Table(
+                t.name,
+                tuple((c, ctype if style == "ddl" else "") for c, ctype in t.columns),
+                t.primary_key if style == "ddl" else (),
+                tuple(k for k in keys if k.ref_table.lower() in present),
+            )
+        )
+    return tuple(out)
+
+
+@pytest.mark.parametrize(("style", "opts"), PROMPT_OPTIONS)
+def test_schema_names_reads_every_spider_prompt_rendering(
+    spider_full_dir: Path, style: str, opts: dict
+) -> None:
+    """Every Spider dev prompt, in every schema_style with sample values, each foreign-key
+    source and pruning: the constraint sees exactly the tables the prompt shows and all their
+    columns, from the text alone (the served model gets no database) and with the file."""
+    from dataset_utils.schema import parse_tables, read_tables
+    from dataset_utils.sources import SourceSpec, load_source
+    from evaluation.schema_constraint import schema_names
+
+    spec = SourceSpec(
+        format="spider", path=str(spider_full_dir), split="dev", schema_style=style, **opts
+    )
+    rows = load_source(spec).examples
+    assert len(rows) == 972 and len({e.db_id for e in rows}) == 19
+    tables_json = str(spider_full_dir / "tables.json")
+    seen = set()
+    for e in rows:
+        key = (e.context, e.db_path)
+        if key in seen:
+            continue
+        seen.add(key)
+        shown = _shown_tables(e, style, opts, tables_json)
+        # The parser reads back exactly what was rendered (names, types, keys).
+        assert parse_tables(e.context) == shown, e.context
+        want_tables = frozenset(t.name.lower() for t in shown)
+        want_columns = {t.name.lower(): frozenset(c.lower() for c, _ in t.columns) for t in shown}
+        for names in (schema_names(e.context), schema_names(e.context, e.db_path)):
+            assert names.tables == want_tables
+            assert names.table_columns == want_columns
+        if (
+            style == "ddl"
+            and not opts.get("max_tables")
+            and opts.get("foreign_keys")
+            in (
+                None,
+                "sqlite",
+            )
+        ):
+            assert parse_tables(e.context) == read_tables(e.db_path)
+    assert len({e.db_id for e in rows}) == 19 and len(seen) >= 19
+
+
+def test_compact_prompt_is_read_without_the_database(spider_full_dir: Path) -> None:
+    """Regression: the main job's ``schema_style: compact`` (typeless columns + FOREIGN KEY
+    lines) gave the constraint no table at all, so it forbade every name and 0% of the
+    constrained outputs executed. The prompt text alone must give the schema."""
+    from dataset_utils.schema import schema_from_sqlite
+
+    db = spider_full_dir / "database" / "concert_singer" / "concert_singer.sqlite"
+    context = schema_from_sqlite(str(db), "compact")
+    assert "FOREIGN KEY" in context
+    sql = (
+        "SELECT T2.name FROM singer_in_concert AS T1 JOIN singer AS T2 "
+        "ON T1.singer_id = T2.singer_id JOIN concert AS T3 ON T1.concert_id = T3.concert_id "
+        "WHERE T3.year = 2014"
+    )
+    assert _complete_query(context, sql)
+    assert not _complete_query(context, sql.replace("T2.name", "T2.nme"))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from trainer.config import ModelArgs
+    from trainer.modeling import load_tokenizer
+
+    return load_tokenizer(ModelArgs(name_or_path="embedded:smollm2-135m-instruct"))
+
+
+def test_constraint_lets_smollm2_write_spider_gold_queries_on_compact_prompts(
+    spider_full_dir: Path, smollm2
+) -> None:
+    """~50 Spider dev questions (spread over the databases) as the main job prompts them
+    (compact schema, SQLite file known): greedy decoding whose scores put the gold SQL's next
+    SmolLM2 token first keeps that token under the constraint, token by token, and may stop
+    at the end -- the constraint never blocks the correct answer."""
+    from dataset_utils.formatting import plan_format
+    from dataset_utils.sources import SourceSpec, load_source
+    from evaluation.generation import stop_token_ids
+    from evaluation.schema_constraint import SchemaConstraint
+
+    spec = SourceSpec(
+        format="spider", path=str(spider_full_dir), split="dev", schema_style="compact"
+    )
+    rows = load_source(spec).examples
+    picked = rows[:: len(rows) // 50]
+    assert len(picked) >= 50 and len({e.db_id for e in picked}) >= 15
+    stops = stop_token_ids(smollm2, plan_format("chatml", smollm2))
+    constraint = SchemaConstraint(smollm2, stops)
+    vocab = len(constraint.texts)
+    for n, e in enumerate(picked):
+        row = constraint.initial_state(e.context, e.db_path)
+        assert row[0] is not None  # the prompt's schema was read: the row is constrained
+        ids = smollm2.encode(e.sql, add_special_tokens=False)
+        assert smollm2.decode(ids) == e.sql
+        for t in [*ids, stops[0]]:
+            if n % 5 == 0:  # through the scores mask too (a fifth of them: 49k-wide tensors)
+                scores = torch.zeros(1, vocab)
+                scores[0, t] = 1.0
+                assert int(constraint.mask(scores, [row], 1)[0].argmax()) == t, (e.sql, t)
+            nxt = constraint.advance(row, t)
+            assert nxt is not None
+            row = nxt
+        # ... and a name outside the schema is refused at once.
+        bad = constraint.initial_state(e.context, e.db_path)
+        for t in smollm2.encode("SELECT no_such_column_xyz", add_special_tokens=False):
+            bad = constraint.advance(bad, t)
+            if bad is None:
+                break
+        assert bad is None
+
+
+def test_generation_passes_the_database_to_the_constraint_in_every_engine(
+    setup, singer_db: Path
+) -> None:
+    """A context the parser cannot read: with the row's SQLite file, every engine constrains
+    the row to the file's schema; without it (same prompt, same batch), the row decodes
+    exactly as unconstrained."""
+    from dataset_utils.records import Example
+    from evaluation.generation import generate_sql
+
+    model, tok, plan, _ = setup
+    prose = "Table singer has the columns singer_id, name, age and country."
+    rows = [
+        Example("Names?", prose, "SELECT 1", "t", db_path=str(singer_db)),
+        Example("Names?", prose, "SELECT 1", "t"),
+    ]
+    for engine, beams in (("prefix", 1), ("prefix", 2), ("hf", 1), ("hf", 2)):
+        common = dict(max_new_tokens=10, progress=False, num_beams=beams, engine=engine)
+        free = generate_sql(model, tok, rows, plan, **common)
+        free_out = free.candidates or [[r] for r in free.raw]
+        assert _identifiers_outside(SINGER, free_out[0][0])  # unconstrained, it strays
+        gen = generate_sql(model, tok, rows, plan, schema_constrained=True, **common)
+        out = gen.candidates or [[r] for r in gen.raw]
+        for text in out[0]:
+            assert _identifiers_outside(SINGER, text) == [], (engine, beams, text)
+        assert out[1] == free_out[1], (engine, beams)
 
 
 def _defines_alias(tokens: list, i: int, tables: dict) -> bool:
@@ -298,23 +492,21 @@ def test_constrained_tiny_model_never_names_anything_outside_the_schema(setup) -
 
     model, tok, plan, examples = setup
     examples = examples[2:]  # a two-table schema, quoted names, no schema
-    free = generate_sql(model, tok, examples, plan, max_new_tokens=16, progress=False)
-    assert any(_identifiers_outside(e.context, r) for e, r in zip(examples, free.raw, strict=True))
+    assert examples[-1].context == ""
     for beams in (1, 2):
-        gen = generate_sql(
-            model,
-            tok,
-            examples,
-            plan,
-            max_new_tokens=16,
-            progress=False,
-            num_beams=beams,
-            schema_constrained=True,
-        )
+        common = dict(max_new_tokens=16, progress=False, num_beams=beams)
+        free = generate_sql(model, tok, examples, plan, **common)
+        free_out = free.candidates or [[r] for r in free.raw]
+        pairs = zip(examples, free_out, strict=True)
+        assert any(_identifiers_outside(e.context, c[0]) for e, c in pairs)
+        gen = generate_sql(model, tok, examples, plan, schema_constrained=True, **common)
         outputs = gen.candidates or [[r] for r in gen.raw]
-        for ex, cands in zip(examples, outputs, strict=True):
+        for ex, cands in zip(examples[:-1], outputs, strict=False):
             for text in cands:
                 assert _identifiers_outside(ex.context, text) == [], text
+        # A prompt without a schema is not constrained (forbidding every name would only
+        # force garbage): it decodes exactly as without the option.
+        assert outputs[-1] == free_out[-1]
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from dataset_utils.errors import UserError
-from dataset_utils.schema import relevant_tables, schema_from_sqlite
+from dataset_utils.schema import (
+    ForeignKey,
+    Table,
+    parse_tables,
+    read_tables,
+    relevant_tables,
+    schema_from_sqlite,
+)
 from dataset_utils.sources import SourceSpec, load_source
 
 DDL = """
@@ -174,6 +181,75 @@ def test_pruning_by_question(db: str) -> None:
         "CREATE TABLE singer_in_concert (concert_id, singer_id, FOREIGN KEY (singer_id) "
         "REFERENCES singer(singer_id))"
     )
+
+
+def test_parse_tables_reads_every_rendering_back(db: str) -> None:
+    """Each style and option, on a schema with a quoted name, a WITHOUT ROWID table, a
+    composite key and ``*/`` inside a sample value: the tables, columns, types and keys the
+    text shows, exactly."""
+    assert parse_tables(schema_from_sqlite(db)) == read_tables(db)
+    assert parse_tables(SAMPLED_DDL) == read_tables(db)
+    typeless = tuple(
+        Table(t.name, tuple((c, "") for c, _ in t.columns), (), t.foreign_keys)
+        for t in read_tables(db)
+    )
+    assert parse_tables(COLUMNS_WITH_KEYS) == typeless
+    for style in ("compact", "columns"):
+        for n in (0, 2):
+            text = schema_from_sqlite(db, style, sample_values_per_column=n, foreign_keys="sqlite")
+            assert parse_tables(text) == typeless
+    kept = schema_from_sqlite(db, "compact", keep_tables=("singer", "singer_in_concert"))
+    assert [(t.name, t.foreign_keys) for t in parse_tables(kept)] == [
+        ("singer", ()),
+        ("singer_in_concert", (ForeignKey("singer_id", "singer", "singer_id"),)),
+    ]
+
+
+def test_parse_tables_tolerates_user_contexts() -> None:
+    """What user / gretel contexts carry: MySQL clauses and inline indexes, quoted names of
+    every kind, no semicolons, INSERTs, a table declared twice, statements that declare no
+    column list, and a piece that cannot even be tokenized."""
+    context = """CREATE TABLE IF NOT EXISTS `shop`.`orders` (
+  `id` INT NOT NULL AUTO_INCREMENT COMMENT 'row id',
+  status ENUM('new', 'done') DEFAULT 'new',
+  [total] DECIMAL(10, 2),
+  note,
+  KEY idx_status (status),
+  PRIMARY KEY (`id`)
+) ENGINE=InnoDB
+INSERT INTO orders VALUES (1, 'new', 2.5, 'x');
+CREATE TABLE items (order_id INTEGER REFERENCES orders(id), "key" INT, 'sku' TEXT,
+  FOREIGN KEY (sku) REFERENCES products FOREIGN KEY (KEY) REFERENCES keys(k))
+CREATE VIEW v AS SELECT * FROM orders;
+CREATE TABLE copy AS SELECT * FROM orders;
+CREATE TABLE ORDERS (extra TEXT, id INT);
+CREATE TABLE broken (a TEXT DEFAULT 'unterminated
+"""
+    assert parse_tables(context) == (
+        Table(
+            "orders",
+            (
+                ("id", "INT"),
+                ("status", "ENUM('new', 'done')"),
+                ("total", "DECIMAL(10, 2)"),
+                ("note", ""),
+                ("extra", "TEXT"),
+            ),
+            ("id",),
+            (),
+        ),
+        Table(
+            "items",
+            (("order_id", "INTEGER"), ("key", "INT"), ("sku", "TEXT")),
+            (),
+            (
+                ForeignKey("order_id", "orders", "id"),
+                ForeignKey("sku", "products", None),
+                ForeignKey("key", "keys", "k"),
+            ),
+        ),
+    )
+    assert parse_tables("") == parse_tables("no schema here") == ()
 
 
 def test_the_file_is_only_read(db: str) -> None:
