@@ -316,7 +316,7 @@ def test_mirror_experiment_id_takes_the_checkpoint_as_the_cluster_stored_it(
     assert (downloaded / f"checkpoint-{STEPS}" / "text2sql.json").is_file()
     client = MlflowClient(tracking_uri=uri)
     versions = client.search_model_versions("name='tiny-cluster'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
     assert versions[0].tags["text2sql.checkpoint_uuid"] == record["uuid"]
 
     capsys.readouterr()
