@@ -25,10 +25,8 @@ metrics on the logged model (`cluster.mlflow_eval`) -- is logged by those two mo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -38,13 +36,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dataset_utils.errors import UserError
+from dataset_utils.redact import tracking_params
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TAG_UUID = "text2sql.checkpoint_uuid"
 STAGES = ("params", "history", "evaluation", "model", "registered")
-SECRET_KEY = re.compile(r"(pass(word)?|secret|token|credential|api[_-]?key|access[_-]?key)", re.I)
 
 
 @dataclass
@@ -122,22 +120,6 @@ def _transient(msg: str) -> bool:
             "database is locked",
         )
     )
-
-
-def scrub(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop anything that looks like a credential from params before they are logged."""
-    return {k: ("***" if SECRET_KEY.search(k) else v) for k, v in params.items()}
-
-
-def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif isinstance(value, list):
-        out[prefix] = json.dumps(value, default=str)[:6000]
-    else:
-        out[prefix] = value
-    return out
 
 
 def default_tracking_uri(runs_dir: Path | None = None) -> str:
@@ -385,15 +367,14 @@ def mirror(
             tracking_uri,
         )
     if "params" not in done:
-        params = scrub(flatten("", info.hparams, {}))
+        # Flattened and scrubbed (credentials -> ***) by the one helper every param goes through.
+        params = tracking_params(info.hparams)
         cfg = {k: v for k, v in (info.experiment_config or {}).items() if k != "hyperparameters"}
-        params.update(scrub(flatten("config", cfg, {})))
+        params.update(tracking_params(cfg, "config"))
         existing = set(run.data.params)
         from mlflow.entities import Param
 
-        items = [
-            Param(k[:250], str(v)[:6000]) for k, v in params.items() if k[:250] not in existing
-        ]
+        items = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):
             batch = items[i : i + 100]
             with_retries(
@@ -471,9 +452,9 @@ def mirror(
                 log_report_to_mlflow(paths, comparison.results)
                 have = set(client.get_run(run_id).data.params)
                 new = {
-                    f"decoding.{k}": v
-                    for k, v in comparison.decoding.items()
-                    if f"decoding.{k}" not in have
+                    k: v
+                    for k, v in tracking_params(comparison.decoding, "decoding").items()
+                    if k not in have
                 }
                 if new:
                     mlflow.log_params(new)
