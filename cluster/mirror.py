@@ -33,10 +33,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dataset_utils.errors import UserError
 from dataset_utils.redact import tracking_params
+
+if TYPE_CHECKING:
+    from evaluation.checkpoint_eval import CheckpointEvaluation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -246,11 +249,16 @@ def mirror(
     reuse_run_id: str | None = None,
     progress: bool = True,
     decoding: dict[str, Any] | None = None,
+    report_root: Path | None = None,
+    evaluation: CheckpointEvaluation | None = None,
 ) -> MirrorResult:
     """Mirror ``source``'s best checkpoint into MLflow (see the module docstring).
 
     ``decoding``: overrides of the checkpoint's ``eval.decoding`` (``{"num_beams": 4}``), for
-    the evaluation and the served model alike.
+    the evaluation and the served model alike. ``evaluation``: the evaluation stage's result
+    for this checkpoint (``text2sql run`` evaluates before mirroring), logged as it is instead
+    of evaluating again. Otherwise the report is written to
+    ``<report_root or work_dir>/evaluation-<uuid8>/``.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -271,14 +279,9 @@ def mirror(
         pip_requirements,
         signature,
     )
-    from evaluation.checkpoint_eval import (
-        compare_models,
-        load_checkpoint,
-        read_manifest,
-        summary_table,
-    )
+    from evaluation.checkpoint_eval import evaluate_checkpoint, read_manifest, report_dir_for
     from evaluation.generation import generate_sql
-    from evaluation.report import describe_decoding, log_report_to_mlflow, write_report
+    from evaluation.report import describe_decoding, log_report_to_mlflow
 
     info = source.best_checkpoint()
     links = source.describe()
@@ -415,35 +418,20 @@ def mirror(
                 )
         mark("history")
 
-    # ---- evaluate ---------------------------------------------------------------------------
-    loaded = load_checkpoint(ckpt_dir)
-    from evaluation.checkpoint_eval import decoding_with, test_examples
-
-    decoding_args = decoding_with(loaded.hp.eval.decoding, decoding)
-    examples = test_examples(loaded, test_samples)
-    comparison = compare_models(
-        loaded,
-        examples,
-        with_base=loaded.hp.eval.compare_base,
-        progress=progress,
-        decoding=decoding_args,
-    )
-    report_dir = work / f"evaluation-{info.uuid[:8]}"
-    paths = write_report(
-        comparison.results,
-        examples,
-        report_dir,
-        title=f"{experiment_name}: checkpoint {info.uuid[:8]} vs base model",
-        decoding=comparison.decoding,
-    )
-    from evaluation.curves import plot_curves
-
-    curves = plot_curves(
-        source.metric_history(info),
-        report_dir / "curves.png",
-        title=f"{experiment_name}: trial {info.trial_id}",
-    )
-    table = summary_table(comparison.results)
+    # ---- evaluate (unless the caller's evaluation stage already did, for this checkpoint) ----
+    if evaluation is None or evaluation.checkpoint.resolve() != Path(ckpt_dir).resolve():
+        evaluation = evaluate_checkpoint(
+            ckpt_dir,
+            report_dir_for(report_root or work, info.uuid),
+            title=f"{experiment_name}: checkpoint {info.uuid[:8]} vs base model",
+            history=source.metric_history(info),
+            curves_title=f"{experiment_name}: trial {info.trial_id}",
+            test_samples=test_samples,
+            decoding=decoding,
+            progress=progress,
+        )
+    loaded, examples, comparison = evaluation.loaded, evaluation.examples, evaluation.comparison
+    paths, curves, table = evaluation.paths, evaluation.curves, evaluation.table
     ft = comparison.results["fine-tuned"].overall
     if "evaluation" not in done:
 
@@ -707,10 +695,12 @@ def mirror_local_trial(
     registered_model_name: str | None = None,
     progress: bool = True,
     decoding: dict[str, Any] | None = None,
+    evaluation: CheckpointEvaluation | None = None,
 ) -> MirrorResult:
-    """Mirror a local trial (what ``text2sql run`` does after training).
+    """Mirror a local trial (the last stage of ``text2sql run``, which passes its evaluation).
 
-    Names default to the YAML's ``mlflow`` block, else the experiment name.
+    Names default to the YAML's ``mlflow`` block, else the experiment name. The evaluation
+    report lives in the trial folder, ``<trial>/evaluation-<uuid8>/``, with or without MLflow.
     """
     from cluster.local_source import LocalCheckpointSource
     from trainer.callbacks import configure_quiet_mlflow_http
@@ -737,6 +727,8 @@ def mirror_local_trial(
         reuse_run_id=info.get("mlflow_run_id"),
         progress=progress,
         decoding=decoding,
+        report_root=source.trial.path,
+        evaluation=evaluation,
     )
     print(result.summary)
     print_where_to_look(result)
