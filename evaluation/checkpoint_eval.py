@@ -160,7 +160,7 @@ def test_examples(
     loaded: LoadedCheckpoint, limit: int | None = None, split: str = "test"
 ) -> list[Example]:
     """The held-out split the checkpoint was trained without (rebuilt from its manifest)."""
-    from trainer.finetune import build_datasets
+    from trainer.training_data import build_datasets
 
     data = build_datasets(loaded.hp, loaded.tokenizer)
     rows = data.examples[split]

@@ -35,10 +35,11 @@ from transformers import TrainerCallback
 
 from dataset_utils.errors import UserError
 from dataset_utils.formatting import FormatPlan
-from dataset_utils.pipeline import PreparedData, prepare_data
+from dataset_utils.pipeline import PreparedData
 from dataset_utils.records import Example
 from dataset_utils.redact import scrub
 from trainer.config import Hyperparameters, parse_hyperparameters, validate_training_args
+from trainer.training_data import build_datasets
 
 log = logging.getLogger("trainer")
 
@@ -66,23 +67,6 @@ class RunEnv:
 
 # --------------------------------------------------------------------------------------------
 # The steps.
-
-
-def build_datasets(hp: Hyperparameters, tokenizer: Any) -> PreparedData:
-    data = hp.data
-    return prepare_data(
-        sources=[s.to_spec() for s in data.sources],
-        tokenizer=tokenizer,
-        chat_format=hp.model.chat_format,
-        subset=data.subset,
-        number_of_samples=data.number_of_samples,
-        complexity=data.complexity,
-        split=asdict(data.split),
-        max_length=data.max_length,
-        sql_style=data.sql_style,
-        test_sample=data.test_sample,
-        test_sample_seed=data.test_sample_seed,
-    )
 
 
 def build_model(hp: Hyperparameters, tokenizer: Any) -> Any:
