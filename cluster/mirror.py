@@ -25,26 +25,27 @@ metrics on the logged model (`cluster.mlflow_eval`) -- is logged by those two mo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dataset_utils.errors import UserError
+from dataset_utils.redact import tracking_params
+
+if TYPE_CHECKING:
+    from evaluation.checkpoint_eval import CheckpointEvaluation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TAG_UUID = "text2sql.checkpoint_uuid"
 STAGES = ("params", "history", "evaluation", "model", "registered")
-SECRET_KEY = re.compile(r"(pass(word)?|secret|token|credential|api[_-]?key|access[_-]?key)", re.I)
 
 
 @dataclass
@@ -122,22 +123,6 @@ def _transient(msg: str) -> bool:
             "database is locked",
         )
     )
-
-
-def scrub(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop anything that looks like a credential from params before they are logged."""
-    return {k: ("***" if SECRET_KEY.search(k) else v) for k, v in params.items()}
-
-
-def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif isinstance(value, list):
-        out[prefix] = json.dumps(value, default=str)[:6000]
-    else:
-        out[prefix] = value
-    return out
 
 
 def default_tracking_uri(runs_dir: Path | None = None) -> str:
@@ -264,11 +249,16 @@ def mirror(
     reuse_run_id: str | None = None,
     progress: bool = True,
     decoding: dict[str, Any] | None = None,
+    report_root: Path | None = None,
+    evaluation: CheckpointEvaluation | None = None,
 ) -> MirrorResult:
     """Mirror ``source``'s best checkpoint into MLflow (see the module docstring).
 
     ``decoding``: overrides of the checkpoint's ``eval.decoding`` (``{"num_beams": 4}``), for
-    the evaluation and the served model alike.
+    the evaluation and the served model alike. ``evaluation``: the evaluation stage's result
+    for this checkpoint (``text2sql run`` evaluates before mirroring), logged as it is instead
+    of evaluating again. Otherwise the report is written to
+    ``<report_root or work_dir>/evaluation-<uuid8>/``.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -289,14 +279,9 @@ def mirror(
         pip_requirements,
         signature,
     )
-    from evaluation.checkpoint_eval import (
-        compare_models,
-        load_checkpoint,
-        read_manifest,
-        summary_table,
-    )
+    from evaluation.checkpoint_eval import evaluate_checkpoint, read_manifest, report_dir_for
     from evaluation.generation import generate_sql
-    from evaluation.report import describe_decoding, log_report_to_mlflow, write_report
+    from evaluation.report import describe_decoding, log_report_to_mlflow
 
     info = source.best_checkpoint()
     links = source.describe()
@@ -385,15 +370,14 @@ def mirror(
             tracking_uri,
         )
     if "params" not in done:
-        params = scrub(flatten("", info.hparams, {}))
+        # Flattened and scrubbed (credentials -> ***) by the one helper every param goes through.
+        params = tracking_params(info.hparams)
         cfg = {k: v for k, v in (info.experiment_config or {}).items() if k != "hyperparameters"}
-        params.update(scrub(flatten("config", cfg, {})))
+        params.update(tracking_params(cfg, "config"))
         existing = set(run.data.params)
         from mlflow.entities import Param
 
-        items = [
-            Param(k[:250], str(v)[:6000]) for k, v in params.items() if k[:250] not in existing
-        ]
+        items = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):
             batch = items[i : i + 100]
             with_retries(
@@ -434,35 +418,20 @@ def mirror(
                 )
         mark("history")
 
-    # ---- evaluate ---------------------------------------------------------------------------
-    loaded = load_checkpoint(ckpt_dir)
-    from evaluation.checkpoint_eval import decoding_with, test_examples
-
-    decoding_args = decoding_with(loaded.hp.eval.decoding, decoding)
-    examples = test_examples(loaded, test_samples)
-    comparison = compare_models(
-        loaded,
-        examples,
-        with_base=loaded.hp.eval.compare_base,
-        progress=progress,
-        decoding=decoding_args,
-    )
-    report_dir = work / f"evaluation-{info.uuid[:8]}"
-    paths = write_report(
-        comparison.results,
-        examples,
-        report_dir,
-        title=f"{experiment_name}: checkpoint {info.uuid[:8]} vs base model",
-        decoding=comparison.decoding,
-    )
-    from evaluation.curves import plot_curves
-
-    curves = plot_curves(
-        source.metric_history(info),
-        report_dir / "curves.png",
-        title=f"{experiment_name}: trial {info.trial_id}",
-    )
-    table = summary_table(comparison.results)
+    # ---- evaluate (unless the caller's evaluation stage already did, for this checkpoint) ----
+    if evaluation is None or evaluation.checkpoint.resolve() != Path(ckpt_dir).resolve():
+        evaluation = evaluate_checkpoint(
+            ckpt_dir,
+            report_dir_for(report_root or work, info.uuid),
+            title=f"{experiment_name}: checkpoint {info.uuid[:8]} vs base model",
+            history=source.metric_history(info),
+            curves_title=f"{experiment_name}: trial {info.trial_id}",
+            test_samples=test_samples,
+            decoding=decoding,
+            progress=progress,
+        )
+    loaded, examples, comparison = evaluation.loaded, evaluation.examples, evaluation.comparison
+    paths, curves, table = evaluation.paths, evaluation.curves, evaluation.table
     ft = comparison.results["fine-tuned"].overall
     if "evaluation" not in done:
 
@@ -471,9 +440,9 @@ def mirror(
                 log_report_to_mlflow(paths, comparison.results)
                 have = set(client.get_run(run_id).data.params)
                 new = {
-                    f"decoding.{k}": v
-                    for k, v in comparison.decoding.items()
-                    if f"decoding.{k}" not in have
+                    k: v
+                    for k, v in tracking_params(comparison.decoding, "decoding").items()
+                    if k not in have
                 }
                 if new:
                     mlflow.log_params(new)
@@ -726,10 +695,12 @@ def mirror_local_trial(
     registered_model_name: str | None = None,
     progress: bool = True,
     decoding: dict[str, Any] | None = None,
+    evaluation: CheckpointEvaluation | None = None,
 ) -> MirrorResult:
-    """Mirror a local trial (what ``text2sql run`` does after training).
+    """Mirror a local trial (the last stage of ``text2sql run``, which passes its evaluation).
 
-    Names default to the YAML's ``mlflow`` block, else the experiment name.
+    Names default to the YAML's ``mlflow`` block, else the experiment name. The evaluation
+    report lives in the trial folder, ``<trial>/evaluation-<uuid8>/``, with or without MLflow.
     """
     from cluster.local_source import LocalCheckpointSource
     from trainer.callbacks import configure_quiet_mlflow_http
@@ -756,6 +727,8 @@ def mirror_local_trial(
         reuse_run_id=info.get("mlflow_run_id"),
         progress=progress,
         decoding=decoding,
+        report_root=source.trial.path,
+        evaluation=evaluation,
     )
     print(result.summary)
     print_where_to_look(result)

@@ -55,6 +55,7 @@ from typing import Any
 
 from dataset_utils.errors import UserError
 from dataset_utils.records import Example
+from dataset_utils.redact import tracking_params
 from evaluation.judge import EvalResult, Judgement
 
 log = logging.getLogger(__name__)
@@ -374,7 +375,7 @@ def _evaluate_one(
     frame = with_dataset_identity(eval_frame(examples, result), dataset)
     with _eval_workers(tracking_uri), mlflow.start_run(run_id=run_id, nested=False) as active:
         if params:
-            mlflow.log_params(params)
+            mlflow.log_params(tracking_params(params))
         outcome = mlflow.genai.evaluate(
             data=frame, scorers=judge_scorers(examples, result), model_id=model_id
         )

@@ -37,6 +37,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dataset_utils.redact import without_credentials
+
 log = logging.getLogger(__name__)
 
 SPLIT_CONTEXT = {"train": "training", "valid": "validation", "test": "test"}
@@ -190,17 +192,6 @@ def git_state(path: str | Path | None = None) -> dict[str, str]:
     except Exception as e:  # noqa: BLE001 - no git, no repository, no commit yet: no tags
         log.debug("no git state for %s: %s", start, e)
         return {}
-
-
-def without_credentials(url: str) -> str:
-    """``https://user:token@host/x.git`` -> ``https://host/x.git`` (a remote may embed a token;
-    scp-style ``git@host:x.git`` names the ssh user only and is kept)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return url
 
 
 def source_name(experiment_file: str | Path | None, fallback: str) -> str:

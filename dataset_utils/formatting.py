@@ -260,6 +260,8 @@ def tokenize_examples(
 ) -> Tokenized:
     """Tokenize with completion-only labels. Rows longer than ``max_length`` are dropped and
     counted -- an answer is never cut."""
+    if not examples:  # an empty split (e.g. test: 0.0 and no test source); fast tokenizers
+        return Tokenized([], [], [], [], 0)  # raise IndexError on an empty batch
     prompts, prefix = encode_prompt_parts(examples, tokenizer, plan)
     completions = tokenizer(
         [render_completion(e, plan) for e in examples], add_special_tokens=False

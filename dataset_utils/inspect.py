@@ -10,7 +10,12 @@ For the experiment's sources (or any `SourceSpec` list) and its tokenizer and ch
   builds it) of every kept row: summary statistics and a histogram PNG with a vertical line at
   the experiment's ``max_length``;
 - how many rows each candidate ``max_length`` would drop (rows are dropped, never truncated);
-- N rendered examples (prompt and completion text, as the model sees them).
+- N rendered examples (prompt and completion text, as the model sees them). For an experiment
+  (`run_inspect`) they are drawn from the training split the trainer itself builds
+  (`trainer.training_data.build_datasets`, the same call as `trainer.finetune`), so they
+  show its SQL style (``data.sql_style: dealiased``: table names instead of T1/T2 aliases),
+  split and length policy. Subset counts and the length histogram are measured on the subset
+  before de-duplication, splitting and the SQL style.
 
 Files go to ``--out`` (default ``./data-inspect/``, created under the current directory):
 ``token_lengths.png``, ``summary.json`` and ``examples.txt``. Nothing else is written; the
@@ -40,6 +45,7 @@ from dataset_utils.formatting import (
     render_prompt,
     tokenize_examples,
 )
+from dataset_utils.pipeline import PreparedData
 from dataset_utils.records import Example
 from dataset_utils.sources import SourceSpec, load_source
 from dataset_utils.subsets import DIFFICULTY_BUCKETS, deduplicate, select_subset, with_difficulty
@@ -62,12 +68,13 @@ class SourceStats:
 
 @dataclass
 class RenderedExample:
-    index: int  # position in the kept subset
+    index: int  # position in the kept subset, or in the trainer's train split (`split`)
     source: str
     difficulty: str | None
     tokens: int
     prompt: str
     completion: str
+    split: str = "subset"  # "train": a row of the trainer's own training split
 
 
 @dataclass
@@ -89,6 +96,7 @@ class InspectReport:
     out_dir: Path
     histogram: Path
     files: dict[str, Path] = field(default_factory=dict)
+    sql_style: str | None = None  # of the rendered examples, when they come from the pipeline
 
     def length_stats(self) -> dict[str, float]:
         return _stats(self.lengths)
@@ -107,12 +115,16 @@ class InspectReport:
             "completion_token_length": _stats(self.completion_lengths),
             # JSON keys are strings; keep them sorted numerically.
             "dropped_by_max_length": {str(k): v for k, v in sorted(self.drops.items())},
+            "sql_style": self.sql_style,
             "examples": [asdict(e) for e in self.examples],
             "files": {k: str(v) for k, v in self.files.items()},
         }
 
     def format_text(self) -> str:
-        lines = [f"chat format: {self.chat_format}; experiment max_length: {self.max_length}", ""]
+        lines = [f"chat format: {self.chat_format}; experiment max_length: {self.max_length}"]
+        if self.sql_style is not None:
+            lines[0] += f"; examples in the trainer's sql_style: {self.sql_style}"
+        lines.append("")
         head = f"{'source':<44} {'rows':>7}" + "".join(f" {b:>10}" for b in BUCKET_NAMES)
         lines += [head, "-" * len(head)]
         for s in self.sources:
@@ -156,8 +168,9 @@ class InspectReport:
             lines.append(f"{length:>10}  {dropped:>8}  {100 * dropped / n:>7.1f}%{mark}")
         lines.append("")
         for i, e in enumerate(self.examples, 1):
+            where = "train split row" if e.split == "train" else "row"
             lines.append(
-                f"=== example {i} of {len(self.examples)} (row {e.index}, {e.source}, "
+                f"=== example {i} of {len(self.examples)} ({where} {e.index}, {e.source}, "
                 f"{e.difficulty or 'unbucketed'}, {e.tokens} tokens) ==="
             )
             lines += ["--- prompt ---", e.prompt, "--- completion ---", e.completion, ""]
@@ -248,11 +261,13 @@ def inspect_data(
     out_dir: Path = DEFAULT_OUT,
     seed: int = 0,
     data_dir: Path | None = None,
+    prepared: PreparedData | None = None,
 ) -> InspectReport:
     """Measure the data (see the module docstring) and write the PNG / JSON / examples files.
 
-    Rendered examples are ``n_examples`` rows drawn at random (``seed``) from the kept subset,
-    shown in subset order, so that several sources are represented.
+    Rendered examples are ``n_examples`` rows drawn at random (``seed``) from ``prepared``'s
+    training split (what `dataset_utils.pipeline.prepare_data` made for the trainer), else
+    from the kept subset, shown in order, so that several sources are represented.
     """
     if not sources:
         raise UserError("data inspect needs at least one source")
@@ -276,15 +291,23 @@ def inspect_data(
     candidates = sorted({*candidate_lengths, max_length})
     drops = {c: sum(n > c for n in lengths) for c in candidates}
 
-    picks = sorted(random.Random(seed).sample(range(len(kept)), min(n_examples, len(kept))))
+    pool, split, pool_plan = kept, "subset", plan
+    if prepared is not None:
+        pool, split, pool_plan = prepared.examples["train"], "train", prepared.plan
+    picks = sorted(random.Random(seed).sample(range(len(pool)), min(n_examples, len(pool))))
+    pool_lengths: Sequence[int] | dict[int, int] = lengths
+    if prepared is not None:
+        counts = _token_counts([pool[i] for i in picks], tokenizer, pool_plan)
+        pool_lengths = dict(zip(picks, counts, strict=True))
     examples = [
         RenderedExample(
             index=i,
-            source=kept[i].source,
-            difficulty=kept[i].difficulty,
-            tokens=lengths[i],
-            prompt=render_prompt(kept[i], tokenizer, plan),
-            completion=render_completion(kept[i], plan),
+            source=pool[i].source,
+            difficulty=pool[i].difficulty,
+            tokens=pool_lengths[i],
+            prompt=render_prompt(pool[i], tokenizer, pool_plan),
+            completion=render_completion(pool[i], pool_plan),
+            split=split,
         )
         for i in picks
     ]
@@ -308,6 +331,7 @@ def inspect_data(
         examples=examples,
         out_dir=out_dir,
         histogram=histogram,
+        sql_style=prepared.report.get("sql_style") if prepared is not None else None,
     )
     report.files = {
         "histogram": histogram,
@@ -323,6 +347,10 @@ def inspect_data(
         "utf-8",
     )
     return report
+
+
+def _token_counts(rows: Sequence[Example], tokenizer: Any, plan: Any) -> list[int]:
+    return [len(ids) for ids in tokenize_examples(rows, tokenizer, plan, None).input_ids]
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,10 +401,17 @@ def run_inspect(ns: argparse.Namespace) -> int:
     """Load the experiment, inspect its data, print the report. Raises `UserError` on bad input."""
     from trainer.experiment import load_experiment
     from trainer.modeling import load_tokenizer
+    from trainer.training_data import build_datasets
 
     exp = load_experiment(ns.experiment, ns.set)
     data, model = exp.hparams.data, exp.hparams.model
     tokenizer = load_tokenizer(model)
+    prepared = None
+    if ns.examples > 0:
+        try:  # the trainer's own pipeline: the rows shown are the rows trained on
+            prepared = build_datasets(exp.hparams, tokenizer)
+        except UserError as e:  # e.g. every row over max_length: still show the lengths
+            print(f"note: the trainer would refuse this data ({e}); examples from the subset")
     report = inspect_data(
         [s.to_spec() for s in data.sources],
         tokenizer,
@@ -389,6 +424,7 @@ def run_inspect(ns: argparse.Namespace) -> int:
         n_examples=ns.examples,
         out_dir=Path(ns.out),
         seed=ns.seed,
+        prepared=prepared,
     )
     print(f"experiment: {ns.experiment} (model {model.name_or_path})")
     print(report.format_text())

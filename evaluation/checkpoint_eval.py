@@ -160,7 +160,7 @@ def test_examples(
     loaded: LoadedCheckpoint, limit: int | None = None, split: str = "test"
 ) -> list[Example]:
     """The held-out split the checkpoint was trained without (rebuilt from its manifest)."""
-    from trainer.finetune import build_datasets
+    from trainer.training_data import build_datasets
 
     data = build_datasets(loaded.hp, loaded.tokenizer)
     rows = data.examples[split]
@@ -325,3 +325,70 @@ def side_by_side(comparison: Comparison, n: int, seed: int = 0) -> str:
             lines.append(f"    {label + ':':<12} {gen.sql[i] or '(empty)'}   [{mark}]")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+@dataclass
+class CheckpointEvaluation:
+    """One checkpoint evaluated on its test split and its report written (`evaluate_checkpoint`):
+    what the MLflow mirror logs, so it never evaluates the same checkpoint twice."""
+
+    checkpoint: Path
+    loaded: LoadedCheckpoint
+    examples: list[Example]
+    comparison: Comparison
+    paths: dict[str, Path]  # write_report's files: markdown, json, png, csv
+    curves: Path | None
+    table: str
+
+
+def report_dir_for(root: Path, uuid: str) -> Path:
+    """Where a checkpoint's evaluation report goes: ``<root>/evaluation-<uuid8>/`` (for a local
+    trial, ``root`` is the trial folder)."""
+    return Path(root) / f"evaluation-{uuid[:8]}"
+
+
+def evaluate_checkpoint(
+    ckpt_dir: str | Path,
+    report_dir: Path,
+    *,
+    title: str,
+    history: Any = None,
+    curves_title: str = "",
+    test_samples: int | None = None,
+    decoding: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> CheckpointEvaluation:
+    """The evaluation stage of ``text2sql run`` and of the mirror: load the checkpoint, score
+    it (and its base model when ``eval.compare_base``) by execution on the test split with the
+    checkpoint's ``eval.decoding`` (``decoding`` overrides), and write the report -- report.md,
+    report.json, exec_accuracy.png, per_example.csv and, given the metric ``history``,
+    curves.png -- into ``report_dir``."""
+    from evaluation.curves import plot_curves
+    from evaluation.report import write_report
+
+    loaded = load_checkpoint(ckpt_dir)
+    examples = test_examples(loaded, test_samples)
+    comparison = compare_models(
+        loaded,
+        examples,
+        with_base=loaded.hp.eval.compare_base,
+        progress=progress,
+        decoding=decoding_with(loaded.hp.eval.decoding, decoding),
+    )
+    paths = write_report(
+        comparison.results, examples, report_dir, title=title, decoding=comparison.decoding
+    )
+    curves = (
+        plot_curves(history, report_dir / "curves.png", title=curves_title)
+        if history is not None
+        else None
+    )
+    return CheckpointEvaluation(
+        Path(ckpt_dir),
+        loaded,
+        examples,
+        comparison,
+        paths,
+        curves,
+        summary_table(comparison.results),
+    )

@@ -137,6 +137,28 @@ CASES = [
         "learning_rate must be >= 0, found -0.001",
         config=lambda d: ta(d).update(learning_rate=-0.001),
     ),
+    # Every training_args value is checked against its TrainingArguments field's type before
+    # anything is written (it used to make a trial folder, then fail in the optimizer).
+    Case(
+        "training-arg-not-a-number",
+        "training_args.learning_rate: expected a number, found 'fast'",
+        config=lambda d: ta(d).update(learning_rate="fast"),
+    ),
+    Case(
+        "cli-set-training-arg-not-a-number",
+        "training_args.learning_rate: expected a number, found 'fast'",
+        extra_args=["--set", "training_args.learning_rate=fast"],
+    ),
+    Case(
+        "training-arg-not-an-integer",
+        "training_args.per_device_train_batch_size: expected an integer, found 'four'",
+        config=lambda d: ta(d).update(per_device_train_batch_size="four"),
+    ),
+    Case(
+        "training-arg-not-a-bool",
+        "training_args.dataloader_pin_memory: expected true or false, found 'maybe'",
+        config=lambda d: ta(d).update(dataloader_pin_memory="maybe"),
+    ),
     Case(
         "reserved-training-arg",
         "training_args.gradient_checkpointing: set activation_checkpointing instead",

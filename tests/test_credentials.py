@@ -190,3 +190,130 @@ def test_mlflow_servers_listen_on_localhost_only() -> None:
             assert "--host 127.0.0.1" in m.group(0) or "--host" not in m.group(0), (
                 f"{path}: {m.group(0)}"
             )
+
+
+# Secrets a user writes into the experiment YAML itself (not the environment): a Hub token in
+# `training_args` and a key in Determined's `environment.environment_variables`.
+CONFIG_SECRETS = {
+    "training_args.hub_token": "hf_SECRETxyz0c0ffee",
+    "environment_variables": "envSECRET-9d8c7b6a5f",
+}
+
+
+@pytest.mark.slow  # a full `text2sql run` with mirror: ~2 CPU-minutes, 7 wall-minutes loaded
+def test_secrets_in_the_config_never_reach_mlflow(tmp_path: Path, spider_dir: Path) -> None:
+    """`text2sql run` (live MLflow logger, evaluation, mirror) of an experiment whose YAML holds
+    a `training_args.hub_token` and a secret `environment_variables` entry: neither value is in
+    the MLflow store (database bytes, artifacts), the trial's files or the output; the keys
+    are logged with their values redacted."""
+    model = tiny.make_tiny_model(tmp_path / "tiny-llama")
+    exp = tiny.write_experiment(tmp_path / "exp.yaml", model, name="cfgsecrets", steps=2, live=True)
+    text = exp.read_text()
+    text = text.replace(
+        "    max_steps: 2\n",
+        f"    max_steps: 2\n    hub_token: {CONFIG_SECRETS['training_args.hub_token']}\n",
+    )
+    secret_env = CONFIG_SECRETS["environment_variables"]
+    text += f"environment:\n  environment_variables:\n    - MY_SERVICE_CREDS={secret_env}\n"
+    exp.write_text(text)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DET_MASTER")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "run", str(exp), "--runs-dir", "runs"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = work / "runs"
+    assert (runs / "mlflow.db").is_file()
+    assert list((runs / "mlartifacts").rglob("*.safetensors"))  # the model was mirrored
+
+    # The copy of the user's YAML the trial runs from holds the secrets by design, and so does
+    # the Trainer's own pickle of its TrainingArguments (training_args.bin: hub_token is one);
+    # every other file (MLflow store bytes, artifacts, checkpoint manifests, reports, logs)
+    # must not.
+    user_config = runs / "cfgsecrets" / "experiment.yaml"
+    leaks = []
+    scanned = 0
+    blobs = {"stdout": proc.stdout.encode(), "stderr": proc.stderr.encode()}
+    for f in sorted(runs.rglob("*")):
+        if (
+            f.is_file()
+            and not f.is_symlink()
+            and f != user_config
+            and f.name != "training_args.bin"
+        ):
+            blobs[str(f)] = f.read_bytes()
+    for name, blob in blobs.items():
+        scanned += 1
+        for what, secret in CONFIG_SECRETS.items():
+            if secret.encode() in blob:
+                leaks.append(f"{what} in {name}")
+    assert scanned > 30
+    assert not leaks, leaks
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    seen: dict[str, str] = {}
+    for e in client.search_experiments():
+        for run in client.search_runs([e.experiment_id]):
+            seen.update(run.data.params)
+    # The keys are there (a viewer sees that a token was set), the values are not.
+    assert seen["training_args.hub_token"] == "***"
+    assert "MY_SERVICE_CREDS=***" in seen["config.environment.environment_variables"]
+    assert seen["training_args.max_steps"] == "2"
+
+
+def test_tracking_params_scrub_keys_values_urls_and_environment_variables() -> None:
+    from dataset_utils.redact import scrub, tracking_params, without_credentials
+
+    config = {
+        "training_args": {
+            "hub_token": "hf_SECRETxyz",
+            "learning_rate": 1e-4,
+            "report_to": ["none"],
+            "push_to_hub": False,
+        },
+        "eval": {"max_new_tokens": 12},
+        "model": {"name_or_path": "https://bob:s3cret@models.example.com/m", "pad_token": "<p>"},
+        "mlflow": {"tracking_uri": "http://alice:pw123@mlflow.example.com:5000"},
+        "db": {"password": "hunter2", "api_key": "k-123", "AWS_SECRET_ACCESS_KEY": "aws"},
+        "note": "run with HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz0123 and DET_PASS=xyz please",
+        "entrypoint": "MY_API_KEY=abc python -m trainer.finetune",
+        "environment": {
+            "environment_variables": {"cuda": ["NCCL_DEBUG=INFO", "SERVICE_KEY=topsecret"]},
+        },
+        "environment_variables": ["A=1", "B=letmein"],
+    }
+    params = tracking_params(config, "config")
+    assert params["config.training_args.hub_token"] == "***"
+    assert params["config.training_args.learning_rate"] == "0.0001"
+    assert params["config.training_args.report_to"] == '["none"]'
+    assert params["config.training_args.push_to_hub"] == "False"
+    assert params["config.eval.max_new_tokens"] == "12"  # "tokens" is not a credential
+    assert params["config.model.pad_token"] == "<p>"  # nor is a vocabulary token
+    assert params["config.model.name_or_path"] == "https://models.example.com/m"
+    assert params["config.mlflow.tracking_uri"] == "http://mlflow.example.com:5000"
+    assert params["config.db.password"] == params["config.db.api_key"] == "***"
+    assert params["config.db.AWS_SECRET_ACCESS_KEY"] == "***"
+    assert params["config.note"] == "run with HF_TOKEN=*** and DET_PASS=*** please"
+    assert params["config.entrypoint"] == "MY_API_KEY=*** python -m trainer.finetune"
+    assert params["config.environment.environment_variables.cuda"] == (
+        '["NCCL_DEBUG=***", "SERVICE_KEY=***"]'
+    )
+    assert params["config.environment_variables"] == '["A=***", "B=***"]'
+    # Scrubbing what is already scrubbed changes nothing (the live logger scrubs what it gets).
+    assert tracking_params(params) == params
+    # The nested form (checkpoint manifest) keeps its shape.
+    nested = scrub(config)
+    assert nested["training_args"]["hub_token"] == "***"
+    assert nested["training_args"]["learning_rate"] == 1e-4
+    assert nested["environment_variables"] == ["A=***", "B=***"]
+    assert without_credentials("git@github.com:o/r.git") == "git@github.com:o/r.git"
+    assert config["training_args"]["hub_token"] == "hf_SECRETxyz"  # the input is not changed

@@ -265,3 +265,39 @@ def test_run_inspect_missing_experiment(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         run_inspect(_parse([str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]))
     assert not (tmp_path / "o").exists()
+
+
+def test_inspect_shows_the_sql_the_trainer_trains_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spider_dir: Path
+) -> None:
+    """`data inspect` on the main job's config draws its rendered examples from the training
+    split the trainer builds (`build_datasets`, as `trainer.finetune` calls it): the same
+    prompt and completion, so the SQL is in the job's `sql_style: dealiased` (no T1/T2)."""
+    import re
+
+    from dataset_utils.formatting import render_completion, render_prompt
+    from trainer.experiment import load_experiment
+    from trainer.modeling import load_tokenizer
+    from trainer.training_data import build_datasets
+
+    monkeypatch.chdir(tmp_path)
+    sets = ["data.number_of_samples=300"]  # the main job's data, fewer training rows
+    ns = _parse([str(EXPERIMENT), "--set", sets[0], "--examples", "12", "--out", "o"])
+    assert run_inspect(ns) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["sql_style"] == "dealiased"
+
+    exp = load_experiment(EXPERIMENT, sets)
+    tokenizer = load_tokenizer(exp.hparams.model)
+    prepared = build_datasets(exp.hparams, tokenizer)
+    assert prepared.report["sql_rewritten"] > 0
+    train = prepared.examples["train"]
+    shown = summary["examples"]
+    assert len(shown) == 12
+    for e in shown:
+        assert e["split"] == "train"
+        row = train[e["index"]]
+        assert e["completion"] == render_completion(row, prepared.plan)
+        assert e["prompt"] == render_prompt(row, tokenizer, prepared.plan)
+    aliased = [e["completion"] for e in shown if re.search(r"\bT\d\.", e["completion"])]
+    assert not aliased, aliased

@@ -567,9 +567,7 @@ def test_decoding_is_recorded_and_the_served_model_decodes_the_same_way(
     mirrored = mirror_local_trial(result.trial.path, progress=False)
 
     uuid = result.trial.checkpoints()[-1]["uuid"]
-    report = json.loads(
-        (result.trial.path / "mirror" / f"evaluation-{uuid[:8]}" / "report.json").read_text()
-    )
+    report = json.loads((result.trial.path / f"evaluation-{uuid[:8]}" / "report.json").read_text())
     assert report["decoding"] == decoding
     client = MlflowClient(tracking_uri=mirrored.tracking_uri)
     params = client.get_run(mirrored.run_id).data.params

@@ -75,4 +75,4 @@ def test_readme_command_one_in_a_clone_without_shared(tmp_path: Path) -> None:
     assert "model smollm2-135m-lora-cpu version 1" in out
     trial = clone / "runs" / "smollm2-135m-lora-cpu" / "trial-1"
     assert (trial / "curves.png").is_file()
-    assert list((trial / "mirror").glob("evaluation-*/report.md"))
+    assert list(trial.glob("evaluation-*/report.md"))

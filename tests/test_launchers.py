@@ -51,7 +51,7 @@ def text2sql_run(
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "trainer.cli", "run", str(exp), "--runs-dir", str(runs)]
-    cmd += ["--no-mirror", "--no-progress"]
+    cmd += ["--no-eval", "--no-progress"]  # training only
     for o in overrides:
         cmd += ["--set", o]
     # Its own session, so that a run that hangs (a collective one rank never joins) takes its

@@ -120,6 +120,7 @@ def test_mirror_to_mlflow_round_trip_identical(
     from mlflow.tracking import MlflowClient
 
     from cluster.mirror import mirror_local_trial
+    from trainer.local_runner import evaluate_trial
 
     exp = tiny.write_experiment(
         isolated / "exp.yaml", tiny_llama, steps=4, live=True, description="Tiny e2e run"
@@ -130,7 +131,13 @@ def test_mirror_to_mlflow_round_trip_identical(
     live = MlflowClient(tracking_uri=uri).get_run(result.trial.info()["mlflow_run_id"])
     assert len(live.inputs.dataset_inputs) == 3
     assert live.data.tags["mlflow.note.content"] == "Tiny e2e run"
-    mirrored = mirror_local_trial(result.trial.path, progress=False)
+    # The stages of `text2sql run`: evaluate, then mirror that evaluation (not a second one:
+    # the report the evaluation stage wrote is the one logged, untouched).
+    evaluation = evaluate_trial(result.trial.path, progress=False)
+    report = evaluation.paths["json"]
+    written = (report.stat().st_mtime_ns, report.read_bytes())
+    mirrored = mirror_local_trial(result.trial.path, progress=False, evaluation=evaluation)
+    assert (report.stat().st_mtime_ns, report.read_bytes()) == written
     assert mirrored.tracking_uri == uri and mirrored.version == "1" and mirrored.champion
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(mirrored.run_id)
@@ -204,3 +211,33 @@ def test_mirror_to_mlflow_round_trip_identical(
     assert again.skipped and again.run_id == mirrored.run_id
     assert len(client.search_model_versions("name='tiny'")) == 1
     assert len(client.search_runs([exp_id])) == 3  # training + base and fine-tuned evaluations
+
+
+def test_run_no_mirror_still_writes_the_evaluation_report(
+    isolated: Path, tiny_llama: Path, spider_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`text2sql run --no-mirror` = train, evaluate; only MLflow is skipped. The report of the
+    best checkpoint is in `<trial>/evaluation-<uuid8>/`, scored on the test split."""
+    from trainer.cli import main
+    from trainer.run_store import TrialDir
+
+    exp = tiny.write_experiment(isolated / "exp.yaml", tiny_llama, steps=2)
+    runs = isolated / "runs"
+    argv = ["run", str(exp), "--runs-dir", str(runs), "--no-mirror", "--no-progress"]
+    assert main([*argv, "--set", "data.number_of_samples=40"]) == 0
+    trial = TrialDir(runs / "tiny" / "trial-1")
+    [ckpt] = trial.checkpoints()
+    report_dir = trial.path / f"evaluation-{ckpt['uuid'][:8]}"
+    names = {"report.md", "report.json", "exec_accuracy.png", "per_example.csv", "curves.png"}
+    assert names <= {p.name for p in report_dir.iterdir()}
+    report = json.loads((report_dir / "report.json").read_text())
+    assert sorted(report["models"]) == ["base", "fine-tuned"]  # eval.compare_base defaults on
+    n = len(report["examples"])
+    assert 0 < n <= 8  # eval.test_samples: 8
+    for model in report["models"].values():
+        assert model["overall"]["n"] == n
+    out = capsys.readouterr().out
+    assert f"report: {report_dir / 'report.md'}" in out
+    assert "MLflow: skipped (--no-mirror)" in out
+    # Nothing reached MLflow: no store, no artifacts.
+    assert not (runs / "mlflow.db").exists() and not (runs / "mlartifacts").exists()

@@ -40,7 +40,7 @@ def _run_cmd(exp: Path, runs: Path) -> list[str]:
     # boundaries, so resuming must restore the epoch's data order, not just skip batches.
     sets = ["efficiency.bf16=false", "data.number_of_samples=24"]
     cmd = [sys.executable, "-m", "trainer.cli", "run", str(exp), "--runs-dir", str(runs)]
-    cmd += ["--no-mirror", "--no-progress"]
+    cmd += ["--no-eval", "--no-progress"]  # training only
     for s in sets:
         cmd += ["--set", s]
     return cmd

@@ -311,7 +311,7 @@ def test_every_readme_block_runs_in_a_fresh_copy(tmp_path: Path) -> None:
     assert "round trip verified" in outputs[main.index], outputs[main.index][-3000:]
     trial = repo / "runs" / "smollm2-135m-lora-cpu" / "trial-1"
     assert (trial / "curves.png").is_file()
-    assert list((trial / "mirror").glob("evaluation-*/curves.png"))
+    assert list(trial.glob("evaluation-*/curves.png"))
 
     serve = next(b for b in BLOCKS if "mlflow models serve" in b.text)
     answers = [

@@ -96,3 +96,28 @@ def test_validate_in_a_fresh_clone_without_determineds_schemas(tmp_path: Path) -
 
     version = _cli(clone, "--version")
     assert version.returncode == 0 and version.stdout.startswith("text2sql ")
+
+
+def test_training_args_values_are_checked_against_their_field_types() -> None:
+    """Each training_args value fits its TrainingArguments field's type, or one UserError names
+    the key (the dataclass itself accepts `learning_rate: "fast"`; the optimizer fails later).
+    Numbers YAML reads as strings (`1e-4`, no dot) become numbers."""
+    from dataset_utils.errors import UserError
+    from trainer.config import validate_training_args
+
+    args = validate_training_args(
+        {"learning_rate": "1e-4", "save_steps": 50, "report_to": ["none"], "eval_steps": None}
+    )
+    assert args.learning_rate == 1e-4 and isinstance(args.learning_rate, float)
+    assert args.save_steps == 50
+    for bad, message in [
+        ({"learning_rate": "fast"}, "learning_rate: expected a number, found 'fast'"),
+        ({"max_steps": 2.5}, "max_steps: expected an integer, found 2.5"),
+        ({"bf16": "yes"}, "bf16: expected true or false, found 'yes'"),
+        ({"seed": None}, "seed: expected an integer, found None"),
+        ({"report_to": 3}, "report_to: expected null or a string or a list, found 3"),
+        ({"lr_scheduler_type": 5}, "lr_scheduler_type: expected one of 'linear', 'cosine'"),
+    ]:
+        with pytest.raises(UserError) as e:
+            validate_training_args(bad)
+        assert f"hyperparameters.training_args.{message}" in str(e.value)

@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from dataset_utils.redact import tracking_params
 from trainer.run_store import TrialDir
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class MlflowLiveLogger:
         self.run_id = run_id
         self.run_name = run_name
         self.tags = dict(tags or {})
-        self.params = params or {}
+        # Flattened and scrubbed here, whatever the caller passes: no credential reaches MLflow.
+        self.params = tracking_params(params or {})
         self.experiment_tags = experiment_tags or {}
         self.buffer: list[tuple[str, float, int, int]] = []
         self.inputs: list[Any] = []  # mlflow.entities.DatasetInput, not yet sent
@@ -155,7 +157,7 @@ class MlflowLiveLogger:
             if self.params:
                 from mlflow.entities import Param
 
-                items = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
+                items = [Param(k, v) for k, v in self.params.items()]
                 for i in range(0, len(items), 100):
                     self._client.log_batch(self.run_id, params=items[i : i + 100])
         del mlflow

@@ -18,7 +18,7 @@ from dataset_utils.errors import UserError
 
 def _cmd_run(ns: argparse.Namespace) -> int:
     from trainer.experiment import check_local_inputs, load_experiment
-    from trainer.local_runner import launch
+    from trainer.local_runner import evaluate_trial, launch
 
     if ns.slots is not None and ns.slots < 1:
         raise UserError(f"--slots must be >= 1, found {ns.slots}")
@@ -51,11 +51,20 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     curves = trial_curves(result.trial.path)
     if curves:
         print(f"curves: {curves}")
-    if ns.no_mirror:
+    if ns.no_eval:
         return 0
+    # Stage 2: evaluate the best checkpoint on the test split (with or without MLflow).
+    evaluation = evaluate_trial(result.trial.path, progress=not ns.no_progress)
+    if ns.no_mirror:
+        print(f"\n{evaluation.table}\n\nreport: {evaluation.paths['markdown']}")
+        if evaluation.curves is not None:
+            print(f"curves: {evaluation.curves}")
+        print(f"MLflow: skipped (--no-mirror); text2sql mirror --trial-dir {result.trial.path}")
+        return 0
+    # Stage 3: mirror params, history, the evaluation above and the model into MLflow.
     from cluster.mirror import mirror_local_trial
 
-    mirror_local_trial(result.trial.path, progress=not ns.no_progress)
+    mirror_local_trial(result.trial.path, progress=not ns.no_progress, evaluation=evaluation)
     return 0
 
 
@@ -279,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run an experiment YAML off-cluster (train, evaluate, register in MLflow)",
         description="Run the experiment's trainer off-cluster with slots_per_trial processes "
         "(capped to the CPUs present), honouring its launcher. Re-running resumes an unfinished "
-        "trial. Afterwards the best checkpoint is evaluated against the base model on the "
-        "held-out test split and mirrored to MLflow (disable with --no-mirror).",
+        "trial. Three stages: train; evaluate the best checkpoint against the base model on "
+        "the held-out test split (report in <trial>/evaluation-<uuid8>/); mirror it to MLflow "
+        "(skip with --no-mirror).",
     )
     r.add_argument(
         "experiment", help="experiment YAML, e.g. experiments/smollm2-135m-lora-cpu.yaml"
@@ -304,7 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--no-mirror",
         action="store_true",
-        help="only train; skip evaluation and MLflow registration",
+        help="train and evaluate (the report is written to <trial>/evaluation-<uuid8>/); "
+        "skip only MLflow (text2sql mirror --trial-dir logs it later)",
+    )
+    r.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="only train: skip the evaluation and MLflow stages",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument(

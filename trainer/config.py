@@ -3,8 +3,8 @@
 The ``hyperparameters`` section of an experiment YAML (on a cluster:
 ``det.get_cluster_info().trial.hparams``) becomes a `Hyperparameters` object. Unknown keys are
 an error naming the valid ones; types are checked; cross-field rules live in ``__post_init__``;
-``training_args`` is validated by ``transformers.TrainingArguments`` itself. Nothing
-downstream sees the raw dict.
+``training_args`` is validated by ``transformers.TrainingArguments`` itself, each value first
+checked against the type of its field. Nothing downstream sees the raw dict.
 """
 
 from __future__ import annotations
@@ -529,6 +529,7 @@ def validate_training_args(
             + ", ".join(hints)
             + f" (transformers {__import__('transformers').__version__})"
         )
+    training_args = _typed_training_args(training_args, TrainingArguments)
     for key in (
         "max_steps",
         "num_train_epochs",
@@ -556,6 +557,89 @@ def validate_training_args(
     except (ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"hyperparameters.training_args: {first}") from None
+
+
+def _typed_training_args(training_args: dict[str, Any], cls: type) -> dict[str, Any]:
+    """Check every value against the type of its `TrainingArguments` field, before anything is
+    written (the dataclass itself does not: ``learning_rate: fast`` would only fail inside the
+    optimizer, mid-run). Numbers YAML read as strings (``1e-4``) become numbers."""
+    hints = typing.get_type_hints(cls)
+    out = dict(training_args)
+    for key, value in training_args.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue
+        ok, converted = _arg_value(value, tp)
+        if not ok:
+            raise UserError(
+                f"hyperparameters.training_args.{key}: expected {_arg_type_name(tp)}, "
+                f"found {value!r:.60}"
+            )
+        out[key] = converted
+    return out
+
+
+def _arg_value(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(whether ``value`` fits type ``tp``, the value as the field takes it)."""
+    import enum
+
+    if get_origin(tp) in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            return type(None) in args, None
+        # The most specific reading first: 5 for `int | str` stays 5, "1e-4" for float a float.
+        for arg in sorted(args, key=lambda a: a is str):
+            ok, converted = _arg_value(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if value is None or tp is type(None):
+        return value is None and (tp is type(None) or tp is Any), value
+    if tp is Any:
+        return True, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, value
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        # Which names are valid is TrainingArguments' own check (it names them).
+        return isinstance(value, (str, tp)), value
+    if tp is dict or get_origin(tp) is dict:
+        return isinstance(value, dict), value
+    if tp is list or get_origin(tp) is list:
+        return isinstance(value, list), value
+    return True, value  # a type this check does not know: TrainingArguments decides
+
+
+def _arg_type_name(tp: Any) -> str:
+    import enum
+
+    if get_origin(tp) in (Union, types.UnionType):
+        args = get_args(tp)
+        if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
+            args = tuple(a for a in args if a is not str)  # the enum names the valid strings
+        return " or ".join(dict.fromkeys(_arg_type_name(a) for a in args))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        type(None): "null",
+        dict: "a mapping",
+    }.get(tp, "a list" if tp is list or get_origin(tp) is list else _type_name(tp))
 
 
 def _have(module: str) -> bool:

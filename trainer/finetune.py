@@ -35,9 +35,11 @@ from transformers import TrainerCallback
 
 from dataset_utils.errors import UserError
 from dataset_utils.formatting import FormatPlan
-from dataset_utils.pipeline import PreparedData, prepare_data
+from dataset_utils.pipeline import PreparedData
 from dataset_utils.records import Example
+from dataset_utils.redact import scrub
 from trainer.config import Hyperparameters, parse_hyperparameters, validate_training_args
+from trainer.training_data import build_datasets
 
 log = logging.getLogger("trainer")
 
@@ -65,23 +67,6 @@ class RunEnv:
 
 # --------------------------------------------------------------------------------------------
 # The steps.
-
-
-def build_datasets(hp: Hyperparameters, tokenizer: Any) -> PreparedData:
-    data = hp.data
-    return prepare_data(
-        sources=[s.to_spec() for s in data.sources],
-        tokenizer=tokenizer,
-        chat_format=hp.model.chat_format,
-        subset=data.subset,
-        number_of_samples=data.number_of_samples,
-        complexity=data.complexity,
-        split=asdict(data.split),
-        max_length=data.max_length,
-        sql_style=data.sql_style,
-        test_sample=data.test_sample,
-        test_sample_seed=data.test_sample_seed,
-    )
 
 
 def build_model(hp: Hyperparameters, tokenizer: Any) -> Any:
@@ -430,9 +415,11 @@ class CheckpointManifest(TrainerCallback):
         config: dict[str, Any],
         provenance: dict[str, Any] | None = None,
     ):
+        # Credentials (a `training_args.hub_token`, `environment_variables` values) are
+        # scrubbed: checkpoints are uploaded, shared and mirrored.
         self.manifest = {
-            "hyperparameters": asdict(hp),
-            "experiment_config": config,
+            "hyperparameters": scrub(asdict(hp)),
+            "experiment_config": scrub(config),
             "format_plan": asdict(data.plan),
             "data_report": data.report,
             "versions": _versions(),
@@ -629,7 +616,7 @@ def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]
                 # The same description / source / git tags the mirror sets on this run.
                 **checkpoint_lineage_tags(config, {"determined.master": "local"}, provenance),
             },
-            params=flatten_params(hp),
+            params=asdict(hp),  # flattened and scrubbed by the logger
             experiment_tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     ckpt_policy = config.get("checkpoint_storage") or {}
@@ -701,20 +688,6 @@ def resolve_tracking_uri(hp: Hyperparameters, experiment_dir: Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(experiment_dir.parent / 'mlflow.db').resolve()}"
-
-
-def flatten_params(hp: Hyperparameters) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else value
-
-    walk("", asdict(hp))
-    return out
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

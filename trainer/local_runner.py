@@ -9,6 +9,11 @@ processes (capped to the CPUs/GPUs present), honouring the YAML's launcher:
 
 Runs live in ``<runs-dir>/<experiment-name>/trial-<n>`` (see `trainer.run_store`). Re-running
 an experiment whose last trial did not finish resumes that trial from its latest checkpoint.
+
+``text2sql run`` is three stages: `launch` (train), `evaluate_trial` (the best checkpoint on
+the test split; report in ``<trial>/evaluation-<uuid8>/``), then the MLflow mirror
+(`cluster.mirror.mirror_local_trial`, handed the evaluation so it does not evaluate again;
+skipped by ``--no-mirror``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from typing import Any
 
 import yaml
 
+from cluster.local_source import LocalCheckpointSource
 from dataset_utils.errors import UserError
+from evaluation.checkpoint_eval import CheckpointEvaluation, evaluate_checkpoint, report_dir_for
 from trainer.experiment import Experiment, local_world_size, threads_per_rank
 from trainer.run_store import ExperimentDir, TrialDir
 
@@ -187,3 +194,23 @@ def launch(
             exit_code=rc if 0 < rc < 128 else 1,
         )
     return LaunchResult(trial, world, exp.launcher, rc, summary)
+
+
+def evaluate_trial(
+    trial_dir: str | Path, *, progress: bool = True, decoding: dict[str, Any] | None = None
+) -> CheckpointEvaluation:
+    """The evaluation stage of ``text2sql run``: the trial's best checkpoint (by the searcher
+    metric) against its base model on the test split; the report (report.md, report.json,
+    exec_accuracy.png, per_example.csv, curves.png) goes to ``<trial>/evaluation-<uuid8>/``."""
+    source = LocalCheckpointSource(trial_dir)
+    info = source.best_checkpoint()
+    name = source.config.get("name") or source.trial.experiment_dir.name
+    return evaluate_checkpoint(
+        source.local_path(info),
+        report_dir_for(source.trial.path, info.uuid),
+        title=f"{name}: checkpoint {info.uuid[:8]} vs base model",
+        history=source.metric_history(info),
+        curves_title=f"{name}: trial {info.trial_id}",
+        decoding=decoding,
+        progress=progress,
+    )
