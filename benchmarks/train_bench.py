@@ -428,14 +428,9 @@ def run_experiment_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from trainer.experiment import load_experiment
-    from trainer.finetune import (
-        RunEnv,
-        build_datasets,
-        build_model,
-        build_trainer,
-        build_training_args,
-    )
+    from trainer.finetune import RunEnv, build_model, build_trainer, build_training_args
     from trainer.modeling import load_tokenizer
+    from trainer.training_data import build_datasets
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
