@@ -49,7 +49,7 @@ SECRETS = {
 
 def _identities_outside_user_tags(db: Path) -> list[str]:
     """Every cell of the MLflow store holding an account name, unless it is a `mlflow.user`
-    tag value (the row's key column says so)."""
+    tag value (the row's key column says so) or an assessment's source (who judged)."""
     import sqlite3
 
     found = []
@@ -57,13 +57,20 @@ def _identities_outside_user_tags(db: Path) -> list[str]:
     try:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         for table in tables:
-            cols = [r[1] for r in conn.execute(f"PRAGMA table_info('{table}')")]
-            for row in conn.execute(f"SELECT * FROM '{table}'"):
+            # The cursor's own column names (PRAGMA table_info lists fewer for the full-text
+            # search tables MLflow 3.17 keeps).
+            cursor = conn.execute(f"SELECT * FROM '{table}'")
+            cols = [d[0] for d in cursor.description]
+            for row in cursor:
                 cells = dict(zip(cols, row, strict=True))
                 is_user_tag = "mlflow.user" in (cells.get("key"), cells.get("tag_key"))
                 for col, value in cells.items():
                     text = value.decode(errors="replace") if isinstance(value, bytes) else value
-                    allowed = is_user_tag and col in ("value", "tag_value")
+                    # MLflow 3.17 also names the user as the source of the judge's
+                    # assessments on the evaluation traces (mlflow.genai.evaluate).
+                    allowed = (is_user_tag and col in ("value", "tag_value")) or (
+                        table == "assessments" and col == "source_id"
+                    )
                     for var, ident in IDENTITIES.items():
                         if isinstance(text, str) and ident in text and not allowed:
                             found.append(f"{var} in {db} {table}.{col}")
