@@ -314,11 +314,15 @@ def test_every_readme_block_runs_in_a_fresh_copy(tmp_path: Path) -> None:
     assert list(trial.glob("evaluation-*/curves.png"))
 
     serve = next(b for b in BLOCKS if "mlflow models serve" in b.text)
-    answers = [
-        json.loads(line)
-        for line in outputs[serve.index].splitlines()
-        if line.startswith('{"predictions"')
-    ]
+    # curl prints no newline after an answer: two answers may share a line.
+    answers = []
+    decoder = json.JSONDecoder()
+    for line in outputs[serve.index].splitlines():
+        at = line.find('{"predictions"')
+        while at != -1:
+            answer, end = decoder.raw_decode(line, at)
+            answers.append(answer)
+            at = line.find('{"predictions"', end)
     assert len(answers) == 2, outputs[serve.index][-3000:]
     by_schema, by_db = (a["predictions"][0] for a in answers)
     assert set(by_schema) == {"sql"} and by_schema["sql"].strip()
