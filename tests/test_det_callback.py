@@ -34,7 +34,6 @@ from trainer.finetune import RunEnv, build_training_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASHA_YAML = REPO_ROOT / "experiments" / "lora-asha.yaml"
-MAIN_YAML = REPO_ROOT / "experiments" / "smollm2-135m-lora-cpu.yaml"
 CHECKPOINT_UUID = "7f2f3c1e-3b1a-4c55-9a63-0c9a2d1b0007"
 
 
@@ -228,85 +227,6 @@ def test_latest_checkpoint_is_downloaded_and_resumed_from(
 # (c) run_on_cluster hands the downloaded checkpoint to Trainer.train.
 
 
-@pytest.fixture
-def one_slot_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The DistributedContext determined.launch.torch_distributed yields for a 1-slot trial.
-
-    Built directly rather than from torchrun's RANK/WORLD_SIZE/MASTER_ADDR variables: with
-    those set, TrainingArguments would initialise a real torch.distributed process group
-    (and accelerate's process-wide state) that would outlive the test.
-    """
-
-    def from_torch_distributed(cls: type, chief_ip: str | None = None) -> core.DistributedContext:
-        return core.DistributedContext(
-            rank=0, size=1, local_rank=0, local_size=1, cross_rank=0, cross_size=1
-        )
-
-    monkeypatch.setattr(
-        core.DistributedContext, "from_torch_distributed", classmethod(from_torch_distributed)
-    )
-
-
-def _capture_main(monkeypatch: pytest.MonkeyPatch, storage: Path) -> dict[str, Any]:
-    import trainer.finetune as finetune
-
-    seen: dict[str, Any] = {}
-
-    def init(**kwargs: Any) -> core.Context:
-        seen["init_kwargs"] = kwargs
-        return core_context(storage)
-
-    def fake_main(hp: Hyperparameters, env: RunEnv) -> dict[str, Any]:
-        seen["hp"], seen["env"] = hp, env
-        return {"global_step": 7}
-
-    monkeypatch.setattr(det.core, "init", init)
-    monkeypatch.setattr(finetune, "main", fake_main)
-    return seen
-
-
-@pytest.mark.usefixtures("one_slot_distributed")
-def test_run_on_cluster_resumes_from_the_latest_checkpoint(
-    tmp_path: Path,
-    trial_container: Callable[..., det.ClusterInfo],
-    checkpoint_storage: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from trainer.finetune import run_on_cluster
-
-    out = tmp_path / "out"
-    info = trial_container(_load(ASHA_YAML, out), latest_checkpoint=CHECKPOINT_UUID)
-    seen = _capture_main(monkeypatch, checkpoint_storage)
-
-    assert run_on_cluster(info) == {"global_step": 7}
-
-    env: RunEnv = seen["env"]
-    assert env.resume_from_checkpoint == str(out / "checkpoint-7")
-    assert (out / "checkpoint-7" / "trainer_state.json").is_file()
-    assert env.output_dir == str(out)
-    assert env.searcher_metric == "eval_execution_accuracy"
-    assert [type(c).__name__ for c in env.callbacks] == ["FixedDetCallback"]
-    assert seen["hp"].lora.r == info.trial.hparams["lora"]["r"]
-
-
-@pytest.mark.usefixtures("one_slot_distributed")
-def test_run_on_cluster_fresh_trial_starts_from_scratch(
-    tmp_path: Path,
-    trial_container: Callable[..., det.ClusterInfo],
-    checkpoint_storage: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from trainer.finetune import run_on_cluster
-
-    info = trial_container(_load(ASHA_YAML, tmp_path / "out"))
-    seen = _capture_main(monkeypatch, checkpoint_storage)
-
-    run_on_cluster(info)
-
-    assert seen["env"].resume_from_checkpoint is None
-    assert not (tmp_path / "out").exists()  # nothing downloaded
-
-
 def test_main_passes_the_checkpoint_to_trainer_train(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -362,34 +282,3 @@ def test_main_passes_the_checkpoint_to_trainer_train(
 
     assert calls == [{"resume_from_checkpoint": str(out / "checkpoint-7")}]
     assert summary["global_step"] == 7
-
-
-# --------------------------------------------------------------------------------------------
-# The main CPU job on a cluster.
-
-
-def test_run_on_cluster_single_slot_without_launcher(
-    tmp_path: Path,
-    trial_container: Callable[..., det.ClusterInfo],
-    checkpoint_storage: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from trainer.finetune import run_on_cluster
-
-    exp = _load(MAIN_YAML, tmp_path / "out")
-    assert exp.launcher == "none"
-    for key in (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "GROUP_WORLD_SIZE",
-    ):
-        monkeypatch.delenv(key, raising=False)
-    info = trial_container(exp)
-    seen = _capture_main(monkeypatch, checkpoint_storage)
-
-    run_on_cluster(info)
-
-    assert seen["env"].is_chief
