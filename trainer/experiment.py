@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.expconf_fields import TOP_LEVEL_KEYS
 from dataset_utils.errors import UserError
 from trainer.config import Hyperparameters, parse_hyperparameters
 
@@ -33,34 +34,8 @@ VALIDATION_METRICS = (
 )
 GENERATION_METRICS = VALIDATION_METRICS[2:]
 LAUNCHERS = ("none", "torch_distributed", "deepspeed")
-_TOP_LEVEL_KEYS = {
-    "name",
-    "description",
-    "resources",
-    "searcher",
-    "entrypoint",
-    "environment",
-    "max_restarts",
-    "checkpoint_storage",
-    "checkpoint_policy",
-    "min_validation_period",
-    "min_checkpoint_period",
-    "labels",
-    "data",
-    "bind_mounts",
-    "workspace",
-    "project",
-    "reproducibility",
-    "debug",
-    "profiling",
-    "scheduling_unit",
-    "records_per_epoch",
-    "perform_initial_validation",
-    "log_policies",
-    "preemption_timeout",
-    "integrations",
-    "optimizations",
-}
+# One list of a Determined experiment config's top-level keys (`cluster.expconf_fields`).
+_TOP_LEVEL_KEYS = TOP_LEVEL_KEYS
 
 
 @dataclass
