@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from dataset_utils.records import Example
+from evaluation.sandbox import SandboxDB
 
 SQL_STYLES = ("original", "dealiased")
 
@@ -69,8 +70,6 @@ def dealias_checked(example: Example, timeout_s: float = 2.0) -> Example:
     if new == example.sql:
         return example
     if example.db_path:
-        from evaluation.sandbox import SandboxDB
-
         try:
             db = SandboxDB.open(example.db_path)
         except FileNotFoundError:

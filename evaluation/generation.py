@@ -37,6 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from dataset_utils.formatting import FormatPlan, encode_prompt_parts
 from dataset_utils.records import Example
+from evaluation.execution_guided import choose_candidate
+from evaluation.postprocess import extract_sql
+from evaluation.schema_constraint import SchemaConstraint
 
 if TYPE_CHECKING:
     from evaluation.schema_constraint import SchemaConstraint
@@ -116,8 +119,6 @@ def generate_sql(
     `trainer.config.DecodingArgs` (pass ``**asdict(decoding)``); ``timeout_s`` bounds each
     candidate's execution when ``execution_guided``.
     """
-    from evaluation.postprocess import extract_sql
-
     if execution_guided and num_beams < 2:
         raise ValueError("execution_guided needs num_beams >= 2")
     prompts, prefix_lens = encode_prompt_parts(examples, tokenizer, plan)
@@ -128,8 +129,6 @@ def generate_sql(
     constraint = None
     contexts = [(e.context, e.db_path) for e in examples]
     if schema_constrained:
-        from evaluation.schema_constraint import SchemaConstraint
-
         constraint = SchemaConstraint(tokenizer, stops)
         free = sum(1 for c, d in contexts if constraint.initial_state(c, d)[0] is None)
         if free:
@@ -192,8 +191,6 @@ def generate_sql(
     sql_candidates = [[extract_sql(r) for r in cands] for cands in raw_candidates]
     chosen = [0] * len(examples)
     if execution_guided:
-        from evaluation.execution_guided import choose_candidate
-
         chosen = [
             choose_candidate(ex, cands, timeout_s=timeout_s)
             for ex, cands in zip(examples, sql_candidates, strict=True)

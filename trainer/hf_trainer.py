@@ -30,7 +30,7 @@ from transformers import Trainer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from dataset_utils.formatting import IGNORE_INDEX
-from trainer.segment_attention import enable_segment_attention, uses_segment_attention
+from trainer.segment_attention import Segments, enable_segment_attention, uses_segment_attention
 
 
 class CompletionCollator:
@@ -89,8 +89,6 @@ class CompletionCollator:
         return [(p if len(members) > 1 else 0, members) for p, members in groups.values()]
 
     def _flat(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        from trainer.segment_attention import Segments
-
         ids: list[int] = []
         labels: list[int] = []
         pos: list[int] = []

@@ -59,6 +59,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dataset_utils.errors import UserError
+from trainer.config import parse_hyperparameters
+
 GB = 1e9
 # Share of a micro-batch's tokens that are completions (the SQL): the positions projected onto
 # the vocabulary. Measured on the tokenized data (chatml): sql-create-context rows are ~24%
@@ -484,9 +487,6 @@ def _deepspeed_config(ds: Any, context_dir: Path) -> dict[str, Any]:
 
 def plan_for_experiment(config: dict[str, Any], context_dir: Path) -> TrainingPlan:
     """The plan of an experiment YAML's largest trial (search spaces at their maximum)."""
-    from dataset_utils.errors import UserError
-    from trainer.config import parse_hyperparameters
-
     hp = parse_hyperparameters(_largest(config.get("hyperparameters") or {}), base_dir=context_dir)
     name = hp.model.name_or_path
     if name not in MODEL_CONFIGS:
