@@ -29,6 +29,7 @@ the query ran). The work is done by `evaluation.answer.SqlAnswerer`, as for `tex
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata as md
 import json
 import shutil
 from pathlib import Path
@@ -200,8 +201,6 @@ def _rows(model_input: Any) -> list[dict[str, Any]]:
 
 def pip_requirements() -> list[str]:
     """Explicit requirements (MLflow's inference imports torchvision, absent here)."""
-    import importlib.metadata as md
-
     out = []
     for pkg in (
         "torch",

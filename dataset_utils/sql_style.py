@@ -20,6 +20,9 @@ import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 
+import sqlglot
+from sqlglot import exp
+
 from dataset_utils.records import Example
 from evaluation.sandbox import SandboxDB
 
@@ -28,9 +31,6 @@ SQL_STYLES = ("original", "dealiased")
 
 def dealias(sql: str) -> str:
     """``sql`` with table aliases replaced by the tables' names (see the module docstring)."""
-    import sqlglot
-    from sqlglot import exp
-
     try:
         tree = sqlglot.parse_one(sql, read="sqlite")
     except sqlglot.errors.SqlglotError:

@@ -35,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from dataset_utils.formatting import FormatPlan, encode_prompt_parts
 from dataset_utils.records import Example
 from evaluation.execution_guided import choose_candidate
@@ -329,7 +331,6 @@ def _prefix_cached_greedy(
     contexts: Sequence[tuple[str, str | None]] | None = None,
 ) -> list[list[int]]:
     import torch
-    from tqdm.auto import tqdm
 
     out: list[list[int]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
@@ -394,7 +395,6 @@ def _prefix_cached_beam(
     cache rows are copied to the k beams after the first token.
     """
     import torch
-    from tqdm.auto import tqdm
 
     k = num_beams
     keep_n = max(2, 1 + len(stops)) * k
@@ -495,7 +495,6 @@ def _hf_generate(
 ) -> list[list[list[int]]]:
     """``model.generate`` with left padding; per prompt, its candidates best first."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
     k = num_beams

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
+import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,8 +113,6 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     explicit = bool(ns.schemas or os.environ.get(ENV_SCHEMA_DIR))
     full = default_schema_dir().is_dir()
     if not full and not explicit:
-        import logging
-
         logging.getLogger("trainer.experiment").setLevel(logging.ERROR)  # the notice below says it
         print(
             f"note: Determined's expconf schemas are not at {default_schema_dir()}: checking the "
@@ -221,8 +221,6 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
     decoding = decoding_with(loaded.hp.eval.decoding, overrides)
     examples = test_examples(loaded, ns.limit, split=ns.split)
     if ns.command == "compare":
-        import random
-
         idx = sorted(random.Random(ns.seed).sample(range(len(examples)), min(ns.n, len(examples))))
         examples = [examples[i] for i in idx]
     comparison = compare_models(

@@ -9,6 +9,7 @@ the user got wrong.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import os
 import re
 import sys
@@ -378,8 +379,6 @@ def run_inspect(ns: argparse.Namespace) -> int:
 
 
 def version() -> str:
-    import importlib.metadata as md
-
     try:
         return md.version("text2sql-finetune")
     except md.PackageNotFoundError:

@@ -9,6 +9,8 @@ the trainer never reports.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import logging
 import math
 import os
 import re
@@ -233,8 +235,6 @@ def check_schema(config: dict[str, Any], path: Path, *, required: bool = False) 
     """
     schema_dir = default_schema_dir()
     if not required and not schema_dir.is_dir():
-        import logging
-
         logging.getLogger(__name__).warning(
             "Determined expconf schemas not found at %s: skipping the schema check; checked "
             "the fields this project reads instead (set TEXT2SQL_EXPCONF_DIR to Determined's "
@@ -358,8 +358,6 @@ def check_local_inputs(exp: Experiment) -> None:
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
-
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):

@@ -20,7 +20,9 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -382,8 +384,6 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def _merge(self, batches: list[list[int]], until: int = 0) -> list[list[int]]:
         """Merge the cheapest batches into others while they fit (down to ``until``)."""
-        import bisect
-
         items = sorted((self.cost(b), b) for b in batches)
         costs = [c for c, _ in items]
         rows = [b for _, b in items]
@@ -410,8 +410,6 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         if len(batches) > target:
             batches = self._merge(batches, until=target)
         if len(batches) > target:
-            import logging
-
             logging.getLogger("trainer").warning(
                 "efficiency.max_tokens_per_batch: epoch %d needs %d batches, the epoch has %d; "
                 "%d batches are skipped this epoch",

@@ -20,6 +20,7 @@ skipped by ``--no-mirror``).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -184,8 +185,6 @@ def launch(
     summary = None
     summary_file = trial.path / "summary.json"
     if summary_file.is_file():
-        import json
-
         summary = json.loads(summary_file.read_text())
     if rc != 0:
         raise UserError(

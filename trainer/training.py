@@ -30,6 +30,7 @@ from dataset_utils.errors import UserError
 from dataset_utils.pipeline import PreparedData
 from trainer.checkpoint import checkpoint_manifest, write_manifest
 from trainer.config import Hyperparameters, validate_training_args
+from trainer.hf_trainer import CompletionCollator, Text2SqlTrainer
 from trainer.modeling import (
     adapted_layers,
     load_tokenizer,
@@ -119,8 +120,6 @@ def build_trainer(
     """`Text2SqlTrainer` with our collator; ``generation_metrics`` (execution accuracy on a
     validation subset: `evaluation.validation.build_generation_metrics`) runs at each
     evaluation."""
-    from trainer.hf_trainer import CompletionCollator, Text2SqlTrainer
-
     eval_on = args.eval_strategy != "no" and len(data.valid) > 0
     valid = data.valid
     if hp.eval.loss_samples is not None:
