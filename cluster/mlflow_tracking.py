@@ -101,6 +101,7 @@ def _transient(msg: str) -> bool:
 
 
 def default_tracking_uri(runs_dir: Path | None = None) -> str:
+    """$MLFLOW_TRACKING_URI, else the SQLite store ``<runs_dir>/mlflow.db`` (default ./runs)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     base = (runs_dir or Path("runs")).resolve()
@@ -158,12 +159,9 @@ def create_once(
 
 
 def resolve_tracking_uri(hp: Hyperparameters, experiment_dir: Path) -> str:
-    """MLflow store: the YAML's, else $MLFLOW_TRACKING_URI, else a SQLite store in runs/."""
-    if hp.mlflow.tracking_uri:
-        return hp.mlflow.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(experiment_dir.parent / 'mlflow.db').resolve()}"
+    """A run's MLflow store: the YAML's ``mlflow.tracking_uri``, else `default_tracking_uri`
+    of the runs folder the experiment lives in."""
+    return hp.mlflow.tracking_uri or default_tracking_uri(experiment_dir.parent)
 
 
 class MlflowLiveLogger:

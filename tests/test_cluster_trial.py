@@ -162,7 +162,7 @@ def test_checkpoint_is_registered_with_its_files_in_storage(finished: ClusterRun
 
 def test_evaluation_loads_a_checkpoint_in_the_cluster_layout(finished: ClusterRun) -> None:
     from cluster.checkpoint_info import verify_checkpoint_dir
-    from evaluation.checkpoint_eval import load_checkpoint, read_manifest
+    from trainer.checkpoint import load_checkpoint, read_manifest
 
     ckpt = finished.checkpoint
     stored = finished.storage / ckpt["uuid"]  # what `text2sql mirror` downloads, as it is

@@ -184,7 +184,7 @@ def run_on_cluster(info: Any) -> dict[str, Any]:
     )
     with core_init(distributed) as core_context:
         # A pause (or a higher-priority job) may arrive while the container installs, the data
-        # is tokenized or the model downloads: `main` checks between those steps, and
+        # is tokenized or the model downloads: `train` checks between those steps, and
         # FixedDetCallback at every training step. The check reads the flag a background
         # long-poll keeps current (plus, with several ranks, one broadcast from the chief).
         env.should_stop = core_context.preempt.should_preempt

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import AutoConfig, TrainerCallback, TrainerState
 
 from dataset_utils.errors import UserError
 from dataset_utils.pipeline import PreparedData
@@ -150,12 +150,10 @@ def build_trainer(
 
 
 def prepare(hp: Hyperparameters, *, deepspeed: str | None = None) -> dict[str, Any]:
-    """Everything `main` does before training, without training (``text2sql run
+    """Everything `trainer.job.train` does before training, without training (``text2sql run
     --prepare-only``): tokenizer, data loaded, split and tokenized into the cache (so the real
     run starts on a cache hit), ``TrainingArguments``, the model's config (reachable, no
     weights loaded) and the method's adapter / 4-bit settings. Returns the data report."""
-    from transformers import AutoConfig
-
     tokenizer = load_tokenizer(hp.model)
     data = build_datasets(hp, tokenizer)
     with tempfile.TemporaryDirectory(prefix="text2sql-prepare-") as tmp:
@@ -213,8 +211,6 @@ def finished_checkpoint_state(checkpoint: str | None, max_steps: int) -> Any:
     path = Path(checkpoint) / "trainer_state.json"
     if not path.is_file():
         return None
-    from transformers import TrainerState
-
     state = TrainerState.load_from_json(str(path))
     return state if state.global_step >= max_steps else None
 
