@@ -43,7 +43,7 @@ def _graph() -> grimp.ImportGraph:
 def test_lint_imports_contract_is_kept() -> None:
     exe = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
     proc = subprocess.run(
-        [exe, "--no-cache", "--config", str(REPO / "pyproject.toml")],
+        [exe, "--no-cache", "--no-logo", str(REPO / "pyproject.toml")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -177,7 +177,7 @@ def test_the_checks_catch_violations(tmp_path: Path) -> None:
     )
     exe = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
     proc = subprocess.run(
-        [exe, "--no-cache", "--config", str(tmp_path / "cfg.toml")],
+        [exe, "--no-cache", "--no-logo", str(tmp_path / "cfg.toml")],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -185,6 +185,8 @@ def test_the_checks_catch_violations(tmp_path: Path) -> None:
         env={"PYTHONPATH": str(tmp_path), "PATH": str(Path(sys.executable).parent)},
     )
     assert proc.returncode == 1
+    # The report names the layers, the importer and the line of the function-local import.
+    assert "demo.low is not allowed to import demo.high" in proc.stdout, proc.stdout
     assert "demo.low -> demo.high (l.2)" in proc.stdout, proc.stdout
     sys.path.insert(0, str(tmp_path))
     try:
