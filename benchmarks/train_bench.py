@@ -12,7 +12,7 @@ trained with LoRA (r 16, all-linear) and as a full fine-tune:
   (b) ``determined``  -- the Determined recipe: dynamic padding per (random) batch,
                          completion-only loss, fp32, HF `Trainer`.
   (c) ``project``     -- this project's default path, built by the trainer's own code
-                         (`trainer.finetune.build_model` / `build_training_args`,
+                         (`trainer.modeling.build_model` / `trainer.training.build_training_args`,
                          `trainer.hf_trainer.CompletionCollator` / `Text2SqlTrainer`):
                          shared-prefix batches from `PrefixGroupedSampler`, logits only at
                          completion positions, bf16 ``auto``, activation checkpointing ``auto``.
@@ -269,9 +269,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from trainer.config import Hyperparameters, LoraArgs, ModelArgs
-    from trainer.finetune import RunEnv, build_model, build_training_args
     from trainer.hf_trainer import CompletionCollator, Text2SqlTrainer
-    from trainer.modeling import apply_adapter, load_model, load_tokenizer, peft_config
+    from trainer.modeling import apply_adapter, build_model, load_model, load_tokenizer, peft_config
+    from trainer.training import RunEnv, build_training_args
 
     recipe, method = spec["recipe"], spec["method"]
     if spec.get("threads"):
@@ -428,8 +428,8 @@ def run_experiment_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from trainer.experiment import load_experiment
-    from trainer.finetune import RunEnv, build_model, build_trainer, build_training_args
-    from trainer.modeling import load_tokenizer
+    from trainer.modeling import build_model, load_tokenizer
+    from trainer.training import RunEnv, build_trainer, build_training_args
     from trainer.training_data import build_datasets
 
     if spec.get("threads"):
@@ -704,7 +704,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="YAML",
         help="also time --warmup + --steps steps of this experiment's own job (its data, "
-        "model, sampler and settings, built by trainer.finetune), e.g. "
+        "model, sampler and settings, built by the trainer's own code), e.g. "
         "experiments/smollm2-135m-lora-cpu.yaml",
     )
     p.add_argument(

@@ -31,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from dataset_utils.errors import UserError
-from dataset_utils.formatting import CHATML_END, CHATML_START, SYSTEM_PROMPT, messages_for
+from dataset_utils.formatting import (
+    CHATML_END,
+    CHATML_START,
+    SYSTEM_PROMPT,
+    messages_for,
+    render_prompt,
+)
+from dataset_utils.records import Example
+from dataset_utils.settings import cache_dir, hub_offline
+from evaluation.answer import EXPORT_SPEC, export_spec, from_checkpoint
+from evaluation.generation import stop_token_ids
 
 # Hub ids of the embedded models (their original, unquantized weights).
 EMBEDDED_HUB_IDS = {"embedded:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -57,8 +67,6 @@ def check_push_args(repo_id: str | None) -> None:
     if repo_id is None:
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from dataset_utils.settings import hub_offline
 
     try:
         validate_repo_id(repo_id)
@@ -114,9 +122,6 @@ def export_checkpoint(
     source: str = "",
 ) -> tuple[Path, list[str]]:
     """Write the standalone folder for ``loaded`` (a LoadedCheckpoint); returns (out, notes)."""
-    from evaluation.answer import EXPORT_SPEC, export_spec, from_checkpoint
-    from evaluation.generation import stop_token_ids
-
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not empty; choose a new folder")
@@ -176,9 +181,6 @@ def export_checkpoint(
 
 def _check_template(tokenizer: Any, plan: Any, notes: list[str]) -> None:
     """The saved chat template must render the training prompt exactly (or say it does not)."""
-    from dataset_utils.formatting import render_prompt
-    from dataset_utils.records import Example
-
     probe = Example(
         question="How many singers?", context="CREATE TABLE singer (id INT)", sql="x", source="x"
     )
@@ -201,8 +203,6 @@ def _check_template(tokenizer: Any, plan: Any, notes: list[str]) -> None:
 def _generation_config(model: Any, tokenizer: Any, plan: Any, max_new_tokens: int) -> Any:
     from transformers import GenerationConfig
 
-    from evaluation.generation import stop_token_ids
-
     stops = stop_token_ids(tokenizer, plan)
     return GenerationConfig(
         do_sample=False,
@@ -216,7 +216,6 @@ def _generation_config(model: Any, tokenizer: Any, plan: Any, max_new_tokens: in
 def _check_portable(folder: Path) -> None:
     """No file may name a path of this machine (cache, checkout, temp)."""
     markers = {str(Path.home()), str(Path(tempfile.gettempdir()).resolve())}
-    from dataset_utils.settings import cache_dir
 
     markers.add(str(cache_dir()))
     for f in folder.iterdir():

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from cluster.checkpoint_source import (
+from cluster.checkpoint_info import (
     STATE_COMPLETED,
     CheckpointInfo,
     MetricHistory,

@@ -24,25 +24,52 @@ metrics on the logged model (`cluster.mlflow_eval`) -- is logged by those two mo
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
+from cluster.checkpoint_info import verify_checkpoint_dir
+from cluster.local_source import LocalCheckpointSource
+from cluster.mlflow_eval import log_evaluations
+from cluster.mlflow_lineage import (
+    checkpoint_lineage_tags,
+    dataset_inputs,
+    ensure_experiment_kind,
+    link_model_version,
+    source_formats,
+    split_dataset,
+)
+from cluster.mlflow_model import (
+    Text2SqlModel,
+    build_model_dir,
+    code_paths,
+    pip_requirements,
+    signature,
+)
+from cluster.mlflow_tracking import (
+    artifact_location,
+    configure_quiet_mlflow_http,
+    create_once,
+    default_tracking_uri,
+    with_retries,
+)
 from dataset_utils.errors import UserError
+from dataset_utils.records import Example
 from dataset_utils.redact import tracking_params
-
-if TYPE_CHECKING:
-    from evaluation.checkpoint_eval import CheckpointEvaluation
+from evaluation.checkpoint_eval import (
+    CheckpointEvaluation,
+    evaluate_checkpoint,
+    report_dir_for,
+)
+from evaluation.generation import generate_sql
+from evaluation.report import describe_decoding, log_report_to_mlflow
+from trainer.checkpoint import read_manifest
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 TAG_UUID = "text2sql.checkpoint_uuid"
 STAGES = ("params", "history", "evaluation", "model", "registered")
@@ -57,129 +84,6 @@ class MirrorResult:
     tracking_uri: str
     skipped: bool
     summary: str = ""
-
-
-def with_retries(
-    fn: Callable[[], T],
-    what: str,
-    tracking_uri: str,
-    *,
-    attempts: int | None = None,
-    backoff_s: float | None = None,
-) -> T:
-    """Run an MLflow call, retrying connection-type failures with exponential backoff.
-
-    Defaults: 5 attempts, 0.5 s doubling (0.5, 1, 2, 4 s); override with
-    ``$TEXT2SQL_MLFLOW_RETRIES`` and ``$TEXT2SQL_MLFLOW_BACKOFF_S``.
-    """
-    from mlflow.exceptions import MlflowException
-
-    if attempts is None:
-        attempts = max(1, int(os.environ.get("TEXT2SQL_MLFLOW_RETRIES", "5")))
-    if backoff_s is None:
-        backoff_s = float(os.environ.get("TEXT2SQL_MLFLOW_BACKOFF_S", "0.5"))
-    last: Exception | None = None
-    for i in range(attempts):
-        try:
-            return fn()
-        except (MlflowException, OSError, ConnectionError) as e:
-            msg = str(e)
-            # Errors the server *answered* (bad request, not found) will not heal with time.
-            if isinstance(e, MlflowException) and not _transient(msg):
-                raise
-            last = e
-            if i < attempts - 1:
-                delay = backoff_s * 2**i
-                log.warning(
-                    "MLflow %s failed (%s); retrying in %.1f s",
-                    what,
-                    msg.splitlines()[0][:160] if msg else type(e).__name__,
-                    delay,
-                )
-                time.sleep(delay)
-    raise UserError(
-        f"MLflow tracking server {tracking_uri} unreachable while {what} after {attempts} "
-        f"attempts ({type(last).__name__}: {str(last).splitlines()[0][:200] if last else ''}). "
-        "Nothing is lost: start the server and run the same command again to finish"
-    )
-
-
-def _transient(msg: str) -> bool:
-    m = msg.lower()
-    return any(
-        s in m
-        for s in (
-            "connection",
-            "max retries",
-            "timed out",
-            "timeout",
-            "refused",
-            "temporarily",
-            "503",
-            "502",
-            "504",
-            "reset by peer",
-            "api request to",
-            "database is locked",
-        )
-    )
-
-
-def default_tracking_uri(runs_dir: Path | None = None) -> str:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    base = (runs_dir or Path("runs")).resolve()
-    base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{base / 'mlflow.db'}"
-
-
-def artifact_location(tracking_uri: str) -> str | None:
-    """Keep artifacts of a local SQLite store beside it, not in the working directory."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///") :])
-        return (db.parent / "mlartifacts").resolve().as_uri()
-    return None
-
-
-@contextlib.contextmanager
-def single_http_attempt() -> Iterator[None]:
-    """MLflow's HTTP client retries every method, POST included, when a reply is lost
-    (``urllib3.Retry(allowed_methods=None)`` in ``mlflow/utils/request_utils.py``): a create
-    whose reply was lost is sent again and makes a second run or model version. Inside this
-    block requests go out once; `create_once` decides what to do after a failure."""
-    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-    old = os.environ.get(key)
-    os.environ[key] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def create_once(
-    create: Callable[[], T], find: Callable[[], T | None], what: str, tracking_uri: str
-) -> T:
-    """Create something MLflow has no request id for (experiment, run, model version) without
-    ever making two: each request is sent once, and before every retry ``find`` looks it up by
-    the deterministic name or tag it was created with, in case the server made it but the
-    reply was lost."""
-    attempts = 0
-
-    def attempt() -> T:
-        nonlocal attempts
-        attempts += 1
-        if attempts > 1:
-            found = find()
-            if found is not None:
-                log.info("MLflow %s: found the one a lost reply had created", what)
-                return found
-        with single_http_attempt():
-            return create()
-
-    return with_retries(attempt, what, tracking_uri)
 
 
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
@@ -262,26 +166,6 @@ def mirror(
     """
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from cluster.mlflow_eval import log_evaluations
-    from cluster.mlflow_lineage import (
-        checkpoint_lineage_tags,
-        dataset_inputs,
-        ensure_experiment_kind,
-        link_model_version,
-        source_formats,
-        split_dataset,
-    )
-    from cluster.mlflow_model import (
-        Text2SqlModel,
-        build_model_dir,
-        code_paths,
-        pip_requirements,
-        signature,
-    )
-    from evaluation.checkpoint_eval import evaluate_checkpoint, read_manifest, report_dir_for
-    from evaluation.generation import generate_sql
-    from evaluation.report import describe_decoding, log_report_to_mlflow
 
     info = source.best_checkpoint()
     links = source.describe()
@@ -455,7 +339,6 @@ def mirror(
     # ---- model: stage, verify the round trip, log -----------------------------------------
     n_rt = min(roundtrip_prompts, len(examples))
     rt_examples = examples[:n_rt]
-    from dataset_utils.records import Example
 
     # What a client sends: question + schema (no database path, no gold).
     requests = [Example(e.question, e.context, "", "serving") for e in rt_examples]
@@ -601,7 +484,6 @@ def mirror(
 
 def _complete_download(path: Path, resources: dict[str, int]) -> bool:
     """An earlier run's download of this checkpoint, every recorded file there at its size."""
-    from cluster.checkpoint_source import verify_checkpoint_dir
 
     if not resources or not path.is_dir():
         return False
@@ -702,8 +584,6 @@ def mirror_local_trial(
     Names default to the YAML's ``mlflow`` block, else the experiment name. The evaluation
     report lives in the trial folder, ``<trial>/evaluation-<uuid8>/``, with or without MLflow.
     """
-    from cluster.local_source import LocalCheckpointSource
-    from trainer.callbacks import configure_quiet_mlflow_http
 
     configure_quiet_mlflow_http()
     source = LocalCheckpointSource(trial_dir)

@@ -28,12 +28,21 @@ the query ran). The work is done by `evaluation.answer.SqlAnswerer`, as for `tex
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata as md
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+
+from dataset_utils.errors import UserError
+from dataset_utils.formatting import FormatPlan, render_prompt
+from dataset_utils.records import Example
+from evaluation.answer import SqlAnswerer, schema_style_of
+from trainer.checkpoint import LoadedCheckpoint, load_adapter_model
+from trainer.config import ModelArgs
 
 DEFAULT_PARAMS = {
     # 0: the model's own setting (its eval.max_new_tokens). MLflow fills every parameter of the
@@ -96,11 +105,6 @@ class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     def load_context(self, context: Any) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from dataset_utils.formatting import FormatPlan
-        from evaluation.answer import SqlAnswerer
-        from trainer.config import ModelArgs
-        from trainer.modeling import load_model
-
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         self.spec = spec
         self.plan = FormatPlan(**spec["format_plan"])
@@ -112,12 +116,9 @@ class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if spec["kind"] == "adapter":
-            from peft import PeftModel
-
-            base = load_model(ModelArgs(**spec["base_model"]))
-            if len(self.tokenizer) > base.get_input_embeddings().weight.shape[0]:
-                base.resize_token_embeddings(len(self.tokenizer))
-            self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"])
+            self.model = load_adapter_model(
+                ModelArgs(**spec["base_model"]), context.artifacts["adapter"], self.tokenizer
+            )
         else:
             self.model = AutoModelForCausalLM.from_pretrained(
                 context.artifacts["model"], use_safetensors=True
@@ -141,10 +142,6 @@ class Text2SqlModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     # `Any`; the signature logged with the model is what validates inputs.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN001
         import pandas as pd
-
-        from dataset_utils.errors import UserError
-        from dataset_utils.formatting import render_prompt
-        from dataset_utils.records import Example
 
         p = {**DEFAULT_PARAMS, **(self.spec.get("inference_params") or {}), **(params or {})}
         rows = _rows(model_input)
@@ -204,8 +201,6 @@ def _rows(model_input: Any) -> list[dict[str, Any]]:
 
 def pip_requirements() -> list[str]:
     """Explicit requirements (MLflow's inference imports torchvision, absent here)."""
-    import importlib.metadata as md
-
     out = []
     for pkg in (
         "torch",
@@ -228,20 +223,17 @@ def pip_requirements() -> list[str]:
 
 
 def build_model_dir(
-    loaded: Any,
+    loaded: LoadedCheckpoint,
     staging: Path,
     *,
     inference_params: dict[str, Any] | None = None,
     decoding: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Stage the files of a loaded checkpoint (evaluation.checkpoint_eval.LoadedCheckpoint).
+    """Stage the files of a loaded checkpoint.
 
     ``decoding``: the decoding options (`DecodingArgs` as a dict) the model is served with;
     None = the checkpoint's ``eval.decoding``.
     """
-    import dataclasses
-
-    from evaluation.answer import schema_style_of
 
     staging.mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, str] = {}

@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.local_source import LocalCheckpointSource
 from dataset_utils.errors import UserError
+from evaluation.answer import from_checkpoint, from_pretrained, read_export_spec, schema_style_of
+from trainer.checkpoint import load_checkpoint, read_manifest
+from trainer.config import Hyperparameters, from_dict
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -40,8 +44,6 @@ def checkpoint_folder(ref: str | Path) -> tuple[Path, Path | None] | None:
     if not p.is_dir():
         return None
     if (p / "trial.json").is_file():
-        from cluster.local_source import LocalCheckpointSource
-
         source = LocalCheckpointSource(p)
         return source.local_path(source.best_checkpoint()), p
     if (p / "text2sql.json").is_file():
@@ -69,10 +71,6 @@ def schema_style_hint(ref: str) -> str | None:
     known once loaded, e.g. an MLflow model)."""
     found = checkpoint_folder(ref)
     if found is not None:
-        from evaluation.answer import schema_style_of
-        from evaluation.checkpoint_eval import read_manifest
-        from trainer.config import Hyperparameters, from_dict
-
         try:
             hp = from_dict(Hyperparameters, read_manifest(found[0])["hyperparameters"])
         except UserError:
@@ -80,7 +78,6 @@ def schema_style_hint(ref: str) -> str | None:
         return schema_style_of(hp)
     if ref.startswith(MLFLOW_SCHEMES):
         return None
-    from evaluation.answer import read_export_spec
 
     folder = Path(ref).expanduser()
     spec = read_export_spec(folder) if folder.is_dir() else None
@@ -89,12 +86,8 @@ def schema_style_hint(ref: str) -> str | None:
 
 def open_model(ref: str, *, runs_dir: str | Path | None = None) -> OpenedModel:
     """Load ``ref`` (see the module docstring)."""
-    from evaluation.answer import from_checkpoint, from_pretrained
-
     found = checkpoint_folder(ref)
     if found is not None:
-        from evaluation.checkpoint_eval import load_checkpoint
-
         ckpt, trial = found
         loaded = load_checkpoint(ckpt)
         return OpenedModel(from_checkpoint(loaded), "checkpoint", ckpt.name, loaded, trial)

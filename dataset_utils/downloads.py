@@ -42,6 +42,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import filelock
+from tqdm.auto import tqdm
+
 from dataset_utils.errors import UserError
 from dataset_utils.settings import cache_dir, hub_offline
 
@@ -181,8 +184,6 @@ def fetch(
     ``archive``: a local copy of the release archive (verified and extracted, left in place).
     ``force``: extract again even if a fetched copy exists.
     """
-    import filelock
-
     download = get(name)
     want = expected_sha256(download, sha256)
     downloads = cache_dir("downloads")
@@ -317,8 +318,6 @@ def _safe_members(zf: zipfile.ZipFile, download: Download) -> list[tuple[zipfile
 
 
 def _extract(archive: Path, download: Download, *, progress: bool) -> Path:
-    from tqdm.auto import tqdm
-
     root = data_root()
     target = root / download.name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{download.name}-", dir=root))

@@ -37,6 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import sqlglot
+from sqlglot import exp
+
 HARDNESS_LEVELS = ("easy", "medium", "hard", "extra")
 # Part of the dataset cache key (levels are stored with cached examples): bump on any change
 # that can move a query to another level.
@@ -74,9 +77,6 @@ def level_of(c1: int, c2: int, others: int) -> str:
 @lru_cache(maxsize=16384)
 def hardness_counts(sql: str) -> HardnessCounts | None:
     """The component counts of ``sql``; None when it does not parse as one SELECT query."""
-    import sqlglot
-    from sqlglot import exp
-
     try:
         trees = sqlglot.parse(sql, read="sqlite")
     except (sqlglot.errors.SqlglotError, RecursionError, ValueError):
@@ -117,8 +117,6 @@ class _Unit:
 
 
 def _strip(node: object) -> object:
-    from sqlglot import exp
-
     while isinstance(node, (exp.Paren, exp.Alias)):
         node = node.this
     return node
@@ -126,8 +124,6 @@ def _strip(node: object) -> object:
 
 def _flatten(cond: object, units: list[_Unit], ops: list[str]) -> None:
     """In-order leaves and connectives of an AND / OR tree (parentheses are transparent)."""
-    from sqlglot import exp
-
     cond = _strip(cond)
     if isinstance(cond, exp.And | exp.Or):
         _flatten(cond.this, units, ops)
@@ -162,8 +158,6 @@ def _is_column_value(value: object) -> bool:
     quotes, which sqlglot reads as quoted identifiers), numbers parse as floats and ``(SELECT``
     starts a subquery; anything else is read as a column.
     """
-    from sqlglot import exp
-
     value = _strip(value)
     if isinstance(value, exp.Neg):
         value = _strip(value.this)
@@ -195,14 +189,10 @@ def _condition(cond: object) -> tuple[list[_Unit], list[str]]:
 
 
 def _is_agg(node: object) -> bool:
-    from sqlglot import exp
-
     return isinstance(_strip(node), exp.Count | exp.Max | exp.Min | exp.Sum | exp.Avg)
 
 
 def _count(select: object, set_operation: bool) -> HardnessCounts:
-    from sqlglot import exp
-
     assert isinstance(select, exp.Select)
     # FROM: every table or subquery, joined; the ON conditions joined by 'and'.
     from_ = select.args.get("from_") or select.args.get("from")

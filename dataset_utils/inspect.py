@@ -11,8 +11,9 @@ For the experiment's sources (or any `SourceSpec` list) and its tokenizer and ch
   the experiment's ``max_length``;
 - how many rows each candidate ``max_length`` would drop (rows are dropped, never truncated);
 - N rendered examples (prompt and completion text, as the model sees them). For an experiment
-  (`run_inspect`) they are drawn from the training split the trainer itself builds
-  (`trainer.training_data.build_datasets`, the same call as `trainer.finetune`), so they
+  (``text2sql data inspect``: `trainer.cli_model.run_inspect`) they are drawn from the
+  training split the trainer itself builds (`trainer.training_data.build_datasets`, the
+  same call as the training job), so they
   show its SQL style (``data.sql_style: dealiased``: table names instead of T1/T2 aliases),
   split and length policy. Subset counts and the length histogram are measured on the subset
   before de-duplication, splitting and the SQL style.
@@ -22,7 +23,8 @@ Files go to ``--out`` (default ``./data-inspect/``, created under the current di
 tokenizer and data are only read.
 
 The CLI wiring lives in ``trainer/cli.py``: it adds `add_inspect_arguments` to a ``data
-inspect`` sub-parser and calls `run_inspect`.
+inspect`` sub-parser and calls `trainer.cli_model.run_inspect`, which loads the experiment,
+its tokenizer and the trainer's own split (layers above this one) and calls `inspect_data`.
 """
 
 from __future__ import annotations
@@ -395,37 +397,3 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
         "included)",
     )
     parser.add_argument("--seed", type=int, default=0, help="which random examples (default 0)")
-
-
-def run_inspect(ns: argparse.Namespace) -> int:
-    """Load the experiment, inspect its data, print the report. Raises `UserError` on bad input."""
-    from trainer.experiment import load_experiment
-    from trainer.modeling import load_tokenizer
-    from trainer.training_data import build_datasets
-
-    exp = load_experiment(ns.experiment, ns.set)
-    data, model = exp.hparams.data, exp.hparams.model
-    tokenizer = load_tokenizer(model)
-    prepared = None
-    if ns.examples > 0:
-        try:  # the trainer's own pipeline: the rows shown are the rows trained on
-            prepared = build_datasets(exp.hparams, tokenizer)
-        except UserError as e:  # e.g. every row over max_length: still show the lengths
-            print(f"note: the trainer would refuse this data ({e}); examples from the subset")
-    report = inspect_data(
-        [s.to_spec() for s in data.sources],
-        tokenizer,
-        chat_format=model.chat_format,
-        subset=data.subset,
-        number_of_samples=data.number_of_samples,
-        complexity=data.complexity,
-        max_length=data.max_length,
-        candidate_lengths=ns.max_length or DEFAULT_CANDIDATES,
-        n_examples=ns.examples,
-        out_dir=Path(ns.out),
-        seed=ns.seed,
-        prepared=prepared,
-    )
-    print(f"experiment: {ns.experiment} (model {model.name_or_path})")
-    print(report.format_text())
-    return 0

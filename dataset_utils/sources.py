@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataset_utils import downloads
 from dataset_utils.errors import UserError
 from dataset_utils.records import Example
 from dataset_utils.schema import (
@@ -521,7 +522,6 @@ def load_source(spec: SourceSpec, data_dir: Path | None = None) -> LoadedSource:
     if local is None and spec.path is None and spec.hub_id is None:
         # No local copy: a dataset whose Hub copy is incomplete (Spider has no databases
         # there) comes from its official release archive, fetched once into the cache.
-        from dataset_utils import downloads
 
         official = downloads.for_format(spec.format)
         if official is not None:

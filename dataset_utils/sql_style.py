@@ -20,16 +20,17 @@ import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 
+import sqlglot
+from sqlglot import exp
+
 from dataset_utils.records import Example
+from evaluation.sandbox import SandboxDB
 
 SQL_STYLES = ("original", "dealiased")
 
 
 def dealias(sql: str) -> str:
     """``sql`` with table aliases replaced by the tables' names (see the module docstring)."""
-    import sqlglot
-    from sqlglot import exp
-
     try:
         tree = sqlglot.parse_one(sql, read="sqlite")
     except sqlglot.errors.SqlglotError:
@@ -69,8 +70,6 @@ def dealias_checked(example: Example, timeout_s: float = 2.0) -> Example:
     if new == example.sql:
         return example
     if example.db_path:
-        from evaluation.sandbox import SandboxDB
-
         try:
             db = SandboxDB.open(example.db_path)
         except FileNotFoundError:

@@ -27,6 +27,9 @@ from typing import Any
 from dataset_utils.errors import UserError
 from dataset_utils.formatting import FormatPlan, plan_format
 from dataset_utils.records import Example
+from dataset_utils.settings import hub_offline
+from evaluation.databases import cached_database, jsonable
+from evaluation.generation import generate_sql
 
 # Written by `text2sql export` (and read back here): prompt format, schema style, defaults.
 EXPORT_SPEC = "text2sql_model.json"
@@ -67,8 +70,6 @@ class SqlAnswerer:
     _schemas: dict[str, str] = field(default_factory=dict, repr=False)
 
     def schema_of(self, db: str) -> str:
-        from evaluation.databases import cached_database
-
         if db not in self._schemas:
             self._schemas[db] = cached_database(db).schema(self.schema_style)
         return self._schemas[db]
@@ -81,8 +82,6 @@ class SqlAnswerer:
         repetition_penalty: float = 1.0,
         progress: bool = False,
     ) -> list[str]:
-        from evaluation.generation import generate_sql
-
         return generate_sql(
             self.model,
             self.tokenizer,
@@ -127,8 +126,6 @@ class SqlAnswerer:
         )
         answers = [Answer(sql=s) for s in sqls]
         if execute:
-            from evaluation.databases import cached_database, jsonable
-
             for a, db in zip(answers, dbs, strict=True):
                 if not db:
                     a.error = "not executed: no db given"
@@ -181,8 +178,6 @@ def read_export_spec(folder: Path) -> dict[str, Any] | None:
 def from_pretrained(ref: str) -> SqlAnswerer:
     """An answerer over a HuggingFace folder (exported or not) or a Hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dataset_utils.settings import hub_offline
 
     folder = Path(ref).expanduser()
     spec = read_export_spec(folder) if folder.is_dir() else None

@@ -1,7 +1,7 @@
 """Evaluate a fine-tuning checkpoint against its base model on the held-out test split.
 
 A checkpoint folder (from the local run store, or from Determined checkpoint storage / the SDK,
-where the files sit in ``checkpoint-<step>/``: see `checkpoint_files`) carries ``text2sql.json``:
+where the files sit in ``checkpoint-<step>/``: see `trainer.checkpoint`) carries ``text2sql.json``:
 the resolved hyperparameters and prompt format it was trained with. From it we rebuild the
 exact test split (same sources, subset, split seed; the dataset cache makes this instant), load
 the model -- base + LoRA adapter (safetensors), or the full fine-tuned weights -- and generate
@@ -12,32 +12,24 @@ is judged by execution in the sandbox.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataset_utils.errors import UserError
-from dataset_utils.formatting import FormatPlan
 from dataset_utils.hardness import HARDNESS_LEVELS
 from dataset_utils.records import Example
+from evaluation.curves import plot_curves
 from evaluation.generation import Generation, generate_sql
 from evaluation.judge import EvalResult, GoldCache, score
+from evaluation.report import write_report
+from trainer.checkpoint import LoadedCheckpoint, load_checkpoint
+from trainer.config import DecodingArgs, from_dict
+from trainer.modeling import load_model
+from trainer.training_data import build_datasets
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedCheckpoint:
-    path: Path
-    manifest: dict[str, Any]
-    hp: Any  # trainer.config.Hyperparameters
-    plan: FormatPlan
-    model: Any
-    tokenizer: Any
-    is_adapter: bool
 
 
 @dataclass
@@ -48,120 +40,10 @@ class Comparison:
     decoding: dict[str, Any] = field(default_factory=dict)  # DecodingArgs used, as a dict
 
 
-MANIFEST = "text2sql.json"
-
-
-def checkpoint_files(path: Path) -> Path:
-    """The folder that holds a checkpoint's files, in either layout a checkpoint is stored in.
-
-    - The local run store (``runs/<x>/trial-<n>/checkpoints/<uuid>/``) and a Trainer's own
-      ``checkpoint-<step>/`` folder: the files (``text2sql.json``, weights, tokenizer) at the top.
-    - Determined checkpoint storage, as `DetCallback` uploads the Trainer's output folder:
-      ``<uuid>/checkpoint-<step>/...`` beside Determined's ``<uuid>/metadata.json``. That is
-      also what ``text2sql mirror --experiment-id`` downloads.
-    """
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        return path
-    steps = sorted(p for p in path.glob("checkpoint-*") if (p / MANIFEST).is_file())
-    if len(steps) == 1:
-        return steps[0]
-    if len(steps) > 1:
-        raise UserError(
-            f"{path} holds {len(steps)} checkpoints ({', '.join(p.name for p in steps)}); "
-            "pass one of them"
-        )
-    raise UserError(
-        f"{path} has no {MANIFEST} (at its top or in one checkpoint-<step>/ folder): not a "
-        "checkpoint written by this trainer"
-    )
-
-
-def read_manifest(ckpt: Path) -> dict[str, Any]:
-    """The checkpoint's ``text2sql.json`` (either layout, see `checkpoint_files`); a missing or
-    damaged one is one `UserError` that names the file and what is wrong with it."""
-    f = checkpoint_files(Path(ckpt)) / MANIFEST
-    damaged = f"checkpoint manifest {f} is damaged"
-    try:
-        manifest = json.loads(f.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{damaged}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{damaged}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg}); "
-            "restore it from the run that wrote the checkpoint or from another checkpoint of "
-            "the same trial"
-        ) from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{damaged}: expected a JSON object, found {type(manifest).__name__}")
-    for key in ("hyperparameters", "format_plan"):
-        if not isinstance(manifest.get(key), dict):
-            found = "missing" if key not in manifest else type(manifest[key]).__name__
-            raise UserError(f"{damaged}: {key!r} must be an object, found {found}")
-    return manifest
-
-
-def load_checkpoint(ckpt: str | Path) -> LoadedCheckpoint:
-    """Load tokenizer + model from a checkpoint folder (weights via safetensors only)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trainer.config import Hyperparameters, from_dict
-    from trainer.modeling import load_model, torch_dtype
-
-    ckpt = checkpoint_files(Path(ckpt))
-    manifest = read_manifest(ckpt)
-    try:
-        hp = from_dict(Hyperparameters, manifest["hyperparameters"])
-    except UserError as e:
-        raise UserError(f"checkpoint manifest {ckpt / 'text2sql.json'} is damaged: {e}") from None
-    try:
-        plan = FormatPlan(**manifest["format_plan"])
-    except TypeError as e:
-        raise UserError(
-            f"checkpoint manifest {ckpt / 'text2sql.json'} is damaged: format_plan: {e}"
-        ) from None
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    is_adapter = (ckpt / "adapter_config.json").is_file()
-    if is_adapter:
-        if not (ckpt / "adapter_model.safetensors").is_file():
-            raise UserError(f"{ckpt}: adapter weights must be adapter_model.safetensors")
-        from peft import PeftModel
-
-        # QLoRA adapters are applied to the base in its compute dtype, not 4-bit: 4-bit models
-        # cannot be saved, and serving does not need them.
-        base_args = hp.model
-        if hp.method == "qlora" and hp.quantization is not None:
-            base_args = _with_dtype(hp.model, hp.quantization.compute_dtype)
-        base = load_model(base_args)
-        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-            base.resize_token_embeddings(len(tokenizer))
-        model = PeftModel.from_pretrained(base, ckpt)
-    else:
-        if not any(ckpt.glob("*.safetensors")):
-            raise UserError(f"{ckpt}: full-model weights must be *.safetensors")
-        model = AutoModelForCausalLM.from_pretrained(
-            ckpt, dtype=torch_dtype(hp.model.dtype), use_safetensors=True
-        )
-    model.eval()
-    return LoadedCheckpoint(ckpt, manifest, hp, plan, model, tokenizer, is_adapter)
-
-
-def _with_dtype(model_args: Any, dtype: str) -> Any:
-    import dataclasses
-
-    import torch
-
-    return dataclasses.replace(model_args, dtype=dtype if torch.cuda.is_available() else "float32")
-
-
 def test_examples(
     loaded: LoadedCheckpoint, limit: int | None = None, split: str = "test"
 ) -> list[Example]:
     """The held-out split the checkpoint was trained without (rebuilt from its manifest)."""
-    from trainer.training_data import build_datasets
-
     data = build_datasets(loaded.hp, loaded.tokenizer)
     rows = data.examples[split]
     n = limit if limit is not None else loaded.hp.eval.test_samples
@@ -172,14 +54,10 @@ def decoding_with(base: Any, overrides: dict[str, Any] | None) -> Any:
     """``base`` (a `trainer.config.DecodingArgs`) with ``overrides`` applied and checked."""
     if not overrides:
         return base
-    from trainer.config import DecodingArgs, from_dict
-
     return from_dict(DecodingArgs, {**asdict(base), **overrides}, "decoding")
 
 
 def load_base(loaded: LoadedCheckpoint) -> Any:
-    from trainer.modeling import load_model
-
     return load_model(loaded.hp.model).eval()
 
 
@@ -363,9 +241,6 @@ def evaluate_checkpoint(
     checkpoint's ``eval.decoding`` (``decoding`` overrides), and write the report -- report.md,
     report.json, exec_accuracy.png, per_example.csv and, given the metric ``history``,
     curves.png -- into ``report_dir``."""
-    from evaluation.curves import plot_curves
-    from evaluation.report import write_report
-
     loaded = load_checkpoint(ckpt_dir)
     examples = test_examples(loaded, test_samples)
     comparison = compare_models(

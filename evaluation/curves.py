@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from trainer.run_store import TrialDir
+
 History = Mapping[str, Sequence[tuple[int, Mapping[str, Any]]]]
 
 
@@ -98,8 +100,6 @@ def plot_curves(history: History, path: str | Path, *, title: str = "") -> Path 
 
 def trial_curves(trial_dir: str | Path, path: str | Path | None = None) -> Path | None:
     """``curves.png`` of a local trial (default: inside the trial folder)."""
-    from trainer.run_store import TrialDir
-
     trial = TrialDir(Path(trial_dir))
     out = Path(path) if path else trial.path / "curves.png"
     return plot_curves(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import functools
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -127,8 +128,6 @@ class SqlAlchemyDatabase:
             conn.commit()
 
     def run(self, sql: str, *, timeout_s: float = 5.0, max_rows: int = 20) -> QueryResult:
-        import time
-
         from sqlalchemy.exc import SQLAlchemyError
 
         refusal = check_statement(sql)

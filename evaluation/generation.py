@@ -35,8 +35,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from dataset_utils.formatting import FormatPlan, encode_prompt_parts
 from dataset_utils.records import Example
+from evaluation.execution_guided import choose_candidate
+from evaluation.postprocess import extract_sql
+from evaluation.schema_constraint import SchemaConstraint
 
 if TYPE_CHECKING:
     from evaluation.schema_constraint import SchemaConstraint
@@ -116,8 +121,6 @@ def generate_sql(
     `trainer.config.DecodingArgs` (pass ``**asdict(decoding)``); ``timeout_s`` bounds each
     candidate's execution when ``execution_guided``.
     """
-    from evaluation.postprocess import extract_sql
-
     if execution_guided and num_beams < 2:
         raise ValueError("execution_guided needs num_beams >= 2")
     prompts, prefix_lens = encode_prompt_parts(examples, tokenizer, plan)
@@ -128,8 +131,6 @@ def generate_sql(
     constraint = None
     contexts = [(e.context, e.db_path) for e in examples]
     if schema_constrained:
-        from evaluation.schema_constraint import SchemaConstraint
-
         constraint = SchemaConstraint(tokenizer, stops)
         free = sum(1 for c, d in contexts if constraint.initial_state(c, d)[0] is None)
         if free:
@@ -192,8 +193,6 @@ def generate_sql(
     sql_candidates = [[extract_sql(r) for r in cands] for cands in raw_candidates]
     chosen = [0] * len(examples)
     if execution_guided:
-        from evaluation.execution_guided import choose_candidate
-
         chosen = [
             choose_candidate(ex, cands, timeout_s=timeout_s)
             for ex, cands in zip(examples, sql_candidates, strict=True)
@@ -332,7 +331,6 @@ def _prefix_cached_greedy(
     contexts: Sequence[tuple[str, str | None]] | None = None,
 ) -> list[list[int]]:
     import torch
-    from tqdm.auto import tqdm
 
     out: list[list[int]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
@@ -397,7 +395,6 @@ def _prefix_cached_beam(
     cache rows are copied to the k beams after the first token.
     """
     import torch
-    from tqdm.auto import tqdm
 
     k = num_beams
     keep_n = max(2, 1 + len(stops)) * k
@@ -498,7 +495,6 @@ def _hf_generate(
 ) -> list[list[list[int]]]:
     """``model.generate`` with left padding; per prompt, its candidates best first."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
     k = num_beams

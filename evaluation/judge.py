@@ -47,6 +47,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from dataset_utils.records import Example
 from evaluation.db_variants import DEFAULT_SUITE_SIZE, suite_identity, suite_variants
 from evaluation.execution import gold_is_ordered, results_match
@@ -489,8 +491,6 @@ def score(
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     items: Any = zip(examples, predictions, strict=True)
     if progress:
-        from tqdm.auto import tqdm
-
         items = tqdm(items, total=len(examples), desc="judging", unit="example")
     judgements = [
         judge_example(

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlglot import exp
+from tqdm.auto import tqdm
 
 from dataset_utils.records import Example
 from evaluation._sqlast import (
@@ -410,8 +411,6 @@ def calibrate(
     unjudgeable: list[dict[str, str]] = []
     items: Any = examples
     if progress:
-        from tqdm.auto import tqdm
-
         items = tqdm(examples, desc="calibrating", unit="example")
     for ex in items:
         judge = {

@@ -28,13 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from determined.common.api import salt_and_hash
 
-from cluster.checkpoint_source import (
-    CheckpointInfo,
-    CheckpointSource,
-    DeterminedCheckpointSource,
-    best_of,
-    verify_checkpoint_dir,
-)
+from cluster.checkpoint_info import CheckpointInfo, CheckpointSource, best_of, verify_checkpoint_dir
+from cluster.checkpoint_source import DeterminedCheckpointSource
 from dataset_utils.errors import UserError
 
 EXPERIMENT_ID = 324

@@ -103,7 +103,7 @@ def zero2_trial(tmp: Path, model: Path, master_url: str, slots: int) -> TrialCon
 def test_torchrun_with_a_deepspeed_config_gets_its_context(
     tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainer.finetune import run_on_cluster
+    from trainer.job import run_on_cluster
 
     master = TrialMaster()
     master.pause()  # stop right after the Core API context is built: no process group here

@@ -1,6 +1,6 @@
 """A cluster trial run with Determined's own code, the master stood in (tests/det_trial.py).
 
-``trainer.finetune.run_on_cluster`` runs in this process as the YAML's entrypoint runs it in a
+``trainer.job.run_on_cluster`` runs in this process as the YAML's entrypoint runs it in a
 one-slot task container: the real ``det.core.init`` (Core API context: session, metrics,
 preemption long-poll, checkpoint storage), the real `DetCallback` (our `FixedDetCallback`),
 the real Trainer on a tiny Llama, checkpoints uploaded by Determined's own storage manager to
@@ -100,7 +100,7 @@ def run_cluster_trial(
     stand_in: TrialMaster | None = None,
 ) -> ClusterRun:
     """``run_on_cluster`` in this process, as the trial's entrypoint in a 1-slot container."""
-    from trainer.finetune import run_on_cluster
+    from trainer.job import run_on_cluster
 
     config, hparams, out, storage = trial_config(tmp, model, steps=steps, overrides=list(overrides))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
@@ -161,8 +161,8 @@ def test_checkpoint_is_registered_with_its_files_in_storage(finished: ClusterRun
 
 
 def test_evaluation_loads_a_checkpoint_in_the_cluster_layout(finished: ClusterRun) -> None:
-    from cluster.checkpoint_source import verify_checkpoint_dir
-    from evaluation.checkpoint_eval import load_checkpoint, read_manifest
+    from cluster.checkpoint_info import verify_checkpoint_dir
+    from trainer.checkpoint import load_checkpoint, read_manifest
 
     ckpt = finished.checkpoint
     stored = finished.storage / ckpt["uuid"]  # what `text2sql mirror` downloads, as it is

@@ -1,8 +1,9 @@
 """`dataset_utils.inspect`: subset sizes, token-length histogram, drop counts, rendered rows.
 
 Runs on the hand-written Clinton / gretel / custom fixtures with the real SmolLM2 tokenizer,
-and once through the command-line entry points (`add_inspect_arguments` + `run_inspect`) on
-the repository's CPU experiment with its sources overridden to the fixtures.
+and once through the command-line entry points (`add_inspect_arguments` +
+`trainer.cli_model.run_inspect`) on the repository's CPU experiment with its sources overridden
+to the fixtures.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from dataset_utils.inspect import (
     DEFAULT_CANDIDATES,
     add_inspect_arguments,
     inspect_data,
-    run_inspect,
 )
 from dataset_utils.sources import SourceSpec, load_source
 from dataset_utils.subsets import select_subset
+from trainer.cli_model import run_inspect
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -271,7 +272,7 @@ def test_inspect_shows_the_sql_the_trainer_trains_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spider_dir: Path
 ) -> None:
     """`data inspect` on the main job's config draws its rendered examples from the training
-    split the trainer builds (`build_datasets`, as `trainer.finetune` calls it): the same
+    split the trainer builds (`build_datasets`, as `trainer.job.train` calls it): the same
     prompt and completion, so the SQL is in the job's `sql_style: dealiased` (no T1/T2)."""
     import re
 

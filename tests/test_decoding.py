@@ -582,7 +582,8 @@ def test_decoding_is_recorded_and_the_served_model_decodes_the_same_way(
     assert spec["decoding"] == decoding
 
     # The evaluation's SQL (report rows) == the served model's SQL, on schema-only rows.
-    from evaluation.checkpoint_eval import load_checkpoint, test_examples
+    from evaluation.checkpoint_eval import test_examples
+    from trainer.checkpoint import load_checkpoint
 
     examples = test_examples(load_checkpoint(result.trial.checkpoint_path(uuid)))
     rows = [(e, r) for e, r in zip(examples, report["examples"], strict=True) if not e.db_path]

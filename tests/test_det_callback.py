@@ -30,7 +30,7 @@ from determined.common.storage import SharedFSStorageManager
 from trainer.callbacks import fixed_det_callback_class
 from trainer.config import Hyperparameters
 from trainer.experiment import Experiment, load_experiment
-from trainer.finetune import RunEnv, build_training_args
+from trainer.training import RunEnv, build_training_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASHA_YAML = REPO_ROOT / "experiments" / "lora-asha.yaml"
@@ -224,15 +224,15 @@ def test_latest_checkpoint_is_downloaded_and_resumed_from(
 
 
 # --------------------------------------------------------------------------------------------
-# (c) run_on_cluster hands the downloaded checkpoint to Trainer.train.
+# (c) run_on_cluster hands the downloaded checkpoint to Trainer.train (trainer.job).
 
 
 def test_main_passes_the_checkpoint_to_trainer_train(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The last link: main() gives env.resume_from_checkpoint to Trainer.train unchanged."""
-    import trainer.finetune as finetune
-    import trainer.modeling as modeling
+    """The last link: the job's train() gives env.resume_from_checkpoint to Trainer.train
+    unchanged."""
+    import trainer.job as job
 
     out = tmp_path / "out"
     (out / "checkpoint-7").mkdir(parents=True)
@@ -265,20 +265,22 @@ def test_main_passes_the_checkpoint_to_trainer_train(
             0,
         )
         plan = None
+        examples: dict[str, Any] = {"valid": []}
 
     class FakeModel:
         pass
 
-    monkeypatch.setattr(modeling, "load_tokenizer", lambda args: object())
-    monkeypatch.setattr(modeling, "count_parameters", lambda model: (1, 2))
-    monkeypatch.setattr(finetune, "build_datasets", lambda hp, tok: FakeData())
-    monkeypatch.setattr(finetune, "build_model", lambda hp, tok: FakeModel())
-    monkeypatch.setattr(finetune, "build_training_args", lambda hp, env: None)
-    monkeypatch.setattr(finetune, "CheckpointManifest", lambda *a: object())
-    monkeypatch.setattr(finetune, "build_trainer", lambda *a: FakeTrainer())
+    monkeypatch.setattr(job, "load_tokenizer", lambda args: object())
+    monkeypatch.setattr(job, "count_parameters", lambda model: (1, 2))
+    monkeypatch.setattr(job, "build_datasets", lambda hp, tok: FakeData())
+    monkeypatch.setattr(job, "build_model", lambda hp, tok: FakeModel())
+    monkeypatch.setattr(job, "build_training_args", lambda hp, env: None)
+    monkeypatch.setattr(job, "CheckpointManifest", lambda *a: object())
+    monkeypatch.setattr(job, "build_generation_metrics", lambda *a: None)
+    monkeypatch.setattr(job, "build_trainer", lambda *a: FakeTrainer())
 
     env = RunEnv(output_dir=str(out), resume_from_checkpoint=str(out / "checkpoint-7"))
-    summary = finetune.main(exp.hparams, env)
+    summary = job.train(exp.hparams, env)
 
     assert calls == [{"resume_from_checkpoint": str(out / "checkpoint-7")}]
     assert summary["global_step"] == 7

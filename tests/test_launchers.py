@@ -201,8 +201,8 @@ def _batch_losses(
     from transformers import AutoModelForCausalLM
 
     from trainer.experiment import load_experiment
-    from trainer.finetune import build_datasets
     from trainer.hf_trainer import CompletionCollator
+    from trainer.training_data import build_datasets
 
     hp = load_experiment(exp, overrides, schema=False).hparams
     tok = tiny.tokenizer()

@@ -112,7 +112,7 @@ def test_last_layers_is_validated(tmp_path: Path) -> None:
 
 def test_last_layers_reaches_the_model_from_the_experiment_yaml(tmp_path: Path) -> None:
     from trainer.experiment import load_experiment
-    from trainer.finetune import build_model
+    from trainer.modeling import build_model
 
     model_dir = tiny.make_tiny_model(tmp_path / "tiny-llama")
     exp = tiny.write_experiment(tmp_path / "exp.yaml", model_dir)

@@ -160,7 +160,7 @@ def test_live_training_logger_makes_one_run_when_its_create_reply_is_lost(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from trainer.callbacks import MlflowLiveLogger, configure_quiet_mlflow_http
+    from cluster.mlflow_tracking import MlflowLiveLogger, configure_quiet_mlflow_http
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     # Training's 5 s limit would also fail requests on a loaded machine: not what is tested.

@@ -218,8 +218,9 @@ def best_checkpoint(trial: Path) -> Path:
 @pytest.fixture(scope="module")
 def in_memory(trained: Trained) -> dict[str, Any]:
     """The fine-tuned model loaded straight from the checkpoint, and 20 held-out prompts."""
-    from evaluation.checkpoint_eval import load_checkpoint, test_examples
+    from evaluation.checkpoint_eval import test_examples
     from evaluation.generation import generate_sql
+    from trainer.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(best_checkpoint(trained.trial))
     examples = test_examples(loaded, 20)

@@ -77,7 +77,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
 
 @pytest.fixture(scope="module")
 def loaded(trained: Trained) -> Any:
-    from evaluation.checkpoint_eval import load_checkpoint
+    from trainer.checkpoint import load_checkpoint
 
     return load_checkpoint(trained.checkpoint)
 

@@ -74,7 +74,7 @@ def test_lora_training_loss_decreases_and_only_adapter_changes(
     assert b_mats and all(v.abs().sum() > 0 for v in b_mats.values())
     from transformers import AutoModelForCausalLM
 
-    from evaluation.checkpoint_eval import load_checkpoint
+    from trainer.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ckpt)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -151,8 +151,9 @@ def test_mirror_to_mlflow_round_trip_identical(
     mv = client.get_model_version_by_alias("tiny", "champion")
     assert str(mv.version) == "1"
     # Loading the registered version reproduces the in-memory model's greedy SQL exactly.
-    from evaluation.checkpoint_eval import load_checkpoint, test_examples
+    from evaluation.checkpoint_eval import test_examples
     from evaluation.generation import generate_sql
+    from trainer.checkpoint import load_checkpoint
 
     trial = result.trial
     loaded = load_checkpoint(trial.checkpoint_path(trial.checkpoints()[-1]["uuid"]))

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from trainer.finetune import gpu_precision_args
+from trainer.training import gpu_precision_args
 
 
 def _tiny_lora() -> Any:
@@ -103,7 +103,7 @@ def test_tf32_on_ampere_and_newer_only() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_build_training_args_turns_tf32_on(tmp_path: Path) -> None:
     from trainer.config import Hyperparameters
-    from trainer.finetune import RunEnv, build_training_args
+    from trainer.training import RunEnv, build_training_args
 
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("TF32 needs Ampere or newer")

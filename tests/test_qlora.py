@@ -1,6 +1,6 @@
 """QLoRA on CPU with the tiny model: real bitsandbytes 4-bit layers, real peft, the real Trainer.
 
-The model is built exactly as the entrypoint builds it (`trainer.finetune.build_model`: 4-bit
+The model is built exactly as the entrypoint builds it (`trainer.modeling.build_model`: 4-bit
 NF4 load from ``quantization_config`` + ``prepare_model_for_kbit_training`` + LoRA), with
 float32 compute (bf16 matmuls are emulated, hence slow, on CPUs without AVX512-BF16).
 
@@ -43,7 +43,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_qlora_model_is_nf4_and_only_lora_gets_gradients(tmp_path: Path, tiny_llama: Path) -> None:
-    from trainer.finetune import build_model
+    from trainer.modeling import build_model
 
     hp = _hparams(tmp_path, tiny_llama)
     tok = tiny.tokenizer()
@@ -79,13 +79,9 @@ def test_qlora_model_is_nf4_and_only_lora_gets_gradients(tmp_path: Path, tiny_ll
 def test_qlora_training_changes_only_adapters_and_loss_falls(
     tmp_path: Path, tiny_llama: Path, spider_dir: Path
 ) -> None:
-    from trainer.finetune import (
-        RunEnv,
-        build_datasets,
-        build_model,
-        build_trainer,
-        build_training_args,
-    )
+    from trainer.modeling import build_model
+    from trainer.training import RunEnv, build_trainer, build_training_args
+    from trainer.training_data import build_datasets
 
     steps = 10
     # 24 examples -> ~19 training rows: 10 steps of 4 revisit them, so the loss must fall.
@@ -133,7 +129,7 @@ def test_qlora_keeps_bf16_base_and_non_reentrant_checkpointing(
     non-reentrant: peft's prepare_model_for_kbit_training (used before) cast them to fp32 --
     so the residual stream and every checkpointed layer input was fp32 -- and left torch's
     reentrant checkpointing on."""
-    from trainer.finetune import build_model
+    from trainer.modeling import build_model
 
     hp = _hparams(
         tmp_path,

@@ -57,7 +57,7 @@ from trainer.modeling import apply_adapter, count_parameters, load_model
 
 model_dir, ds_config, out_dir = sys.argv[1:4]
 # A ZeRO-3 config in TrainingArguments switches on zero.Init for from_pretrained, as in
-# trainer.finetune.main (TrainingArguments first, then the model; kept alive: transformers
+# trainer.job.train (TrainingArguments first, then the model; kept alive: transformers
 # holds the DeepSpeed config by weak reference).
 args = TrainingArguments(output_dir=out_dir, deepspeed=ds_config, use_cpu=True, report_to="none")
 tok = AutoTokenizer.from_pretrained(model_dir)

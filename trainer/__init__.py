@@ -1,1 +1,4 @@
-"""Fine-tuning entrypoint, callbacks and the local runner (see trainer/finetune.py)."""
+"""Config, model, training, the job and its runners, the CLI.
+
+Entrypoints: trainer/finetune.py (training), trainer/cli.py (``text2sql``).
+"""

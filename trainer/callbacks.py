@@ -1,4 +1,4 @@
-"""Trainer callbacks: preemption, the local run store, live MLflow metrics, fixed DetCallback.
+"""Trainer callbacks: preemption, the local run store, fixed DetCallback.
 
 On a cluster the trainer uses `FixedDetCallback` (Determined's own `DetCallback` with its
 0.38.1 holes closed). Off-cluster, where `DetCallback` refuses to run, `LocalRunCallback` does
@@ -13,21 +13,17 @@ import logging
 import os
 import signal
 import threading
-import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from dataset_utils.redact import tracking_params
 from trainer.run_store import TrialDir
 
 log = logging.getLogger(__name__)
 
 SPEED_SUFFIXES = ("_runtime", "_per_second", "_compilation_time")
-LIVE_RUN_KEY = "text2sql.live_run_key"
 
 
 def split_metrics(logs: dict[str, Any]) -> tuple[str, dict[str, float]]:
@@ -85,144 +81,13 @@ class PreemptionWatcher:
         return bool(t.item())
 
 
-class MlflowLiveLogger:
-    """Logs training metrics to MLflow as they happen, without ever stalling training.
+class MetricsLogger(Protocol):
+    """Where `LocalRunCallback` also sends metrics (`cluster.mlflow_tracking.MlflowLiveLogger`,
+    a layer above: the callback only knows this much of it)."""
 
-    Metrics are buffered; each flush is one quick attempt. When the tracking server is down the
-    buffer is kept (and a warning printed once) and retried at the next report and at the end,
-    so a restarted server ends up with every metric, in order, with its step. Dataset inputs
-    (`log_inputs`) go through the same buffer; ``experiment_tags`` are set on an experiment
-    this logger creates.
-    """
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment_name: str,
-        run_id: str | None = None,
-        run_name: str | None = None,
-        tags: dict[str, str] | None = None,
-        params: dict[str, Any] | None = None,
-        experiment_tags: dict[str, str] | None = None,
-    ) -> None:
-        self.tracking_uri = tracking_uri
-        self.experiment_name = experiment_name
-        self.run_id = run_id
-        self.run_name = run_name
-        self.tags = dict(tags or {})
-        # Flattened and scrubbed here, whatever the caller passes: no credential reaches MLflow.
-        self.params = tracking_params(params or {})
-        self.experiment_tags = experiment_tags or {}
-        self.buffer: list[tuple[str, float, int, int]] = []
-        self.inputs: list[Any] = []  # mlflow.entities.DatasetInput, not yet sent
-        self._warned = False
-        self._client: Any = None
-        # The run is found by this tag if a create_run's reply was lost (the server made the
-        # run, we saw an error): retrying the create would make a second run.
-        self._key = uuid.uuid4().hex
-        self.tags[LIVE_RUN_KEY] = self._key
-        self._create_attempted = False
-
-    def _ensure_run(self) -> None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        if self.run_id is None:
-            from cluster.mirror import artifact_location
-
-            exp = self._client.get_experiment_by_name(self.experiment_name)
-            # Artifacts of a local SQLite store go beside it (runs/mlartifacts), never into
-            # ./mlruns of whatever directory the run was started from.
-            exp_id = (
-                exp.experiment_id
-                if exp
-                else self._client.create_experiment(
-                    self.experiment_name,
-                    artifact_location=artifact_location(self.tracking_uri),
-                    tags=self.experiment_tags or None,
-                )
-            )
-            run = None
-            if self._create_attempted:
-                found = self._client.search_runs(
-                    [exp_id], filter_string=f"tags.`{LIVE_RUN_KEY}` = '{self._key}'", max_results=1
-                )
-                run = found[0] if found else None
-            if run is None:
-                self._create_attempted = True
-                run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
-            self.run_id = run.info.run_id
-            if self.params:
-                from mlflow.entities import Param
-
-                items = [Param(k, v) for k, v in self.params.items()]
-                for i in range(0, len(items), 100):
-                    self._client.log_batch(self.run_id, params=items[i : i + 100])
-        del mlflow
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        ts = int(time.time() * 1000)
-        self.buffer.extend((k, v, ts, step) for k, v in metrics.items())
-        self.flush()
-
-    def log_inputs(self, inputs: list[Any]) -> None:
-        """Record dataset inputs (``mlflow.entities.DatasetInput``) on the run."""
-        self.inputs.extend(inputs)
-        self.flush()
-
-    def flush(self) -> bool:
-        if not self.buffer and not self.inputs:
-            return True
-        from mlflow.entities import Metric
-
-        try:
-            self._ensure_run()
-            if self.inputs:
-                self._client.log_inputs(self.run_id, datasets=list(self.inputs))
-                self.inputs.clear()
-            batch = [Metric(k, v, ts, step) for k, v, ts, step in self.buffer]
-            for i in range(0, len(batch), 500):
-                self._client.log_batch(self.run_id, metrics=batch[i : i + 500])
-            self.buffer.clear()
-            if self._warned:
-                log.warning("MLflow tracking server is reachable again; buffered metrics sent")
-                self._warned = False
-            return True
-        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
-            if not self._warned:
-                log.warning(
-                    "MLflow logging failed (%s: %s); training continues, %d metric values "
-                    "(and %d dataset inputs) buffered for retry",
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200],
-                    len(self.buffer),
-                    len(self.inputs),
-                )
-                self._warned = True
-            return False
-
-    def close(self, status: str = "FINISHED", retries: int = 7, backoff_s: float = 1.0) -> None:
-        # 7 tries with doubling waits: about 2 minutes, long enough for a tracking server
-        # (or its pod) to restart, short next to any training run.
-        for attempt in range(retries):
-            if self.flush():
-                break
-            time.sleep(backoff_s * 2**attempt)
-        if self.buffer or self.inputs:
-            log.warning(
-                "MLflow still unreachable at the end of training: %d metric values were not "
-                "sent to the live run (the trial's metrics.jsonl has them all; the mirror logs "
-                "the datasets)",
-                len(self.buffer),
-            )
-        try:
-            if self.run_id is not None:
-                self._ensure_run()
-                self._client.set_terminated(self.run_id, status=status)
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not close the MLflow run: %s", e)
+    def flush(self) -> bool: ...
 
 
 class LocalRunCallback(TrainerCallback):
@@ -235,7 +100,7 @@ class LocalRunCallback(TrainerCallback):
         core_context: Any = None,
         preemption: PreemptionWatcher | None = None,
         metadata: Callable[[], dict[str, Any]] | None = None,
-        mlflow_logger: MlflowLiveLogger | None = None,
+        mlflow_logger: MetricsLogger | None = None,
         keep_latest: int = 1,
         keep_best: int = 1,
         searcher_metric: str | None = None,
@@ -420,9 +285,3 @@ def checkpoint_uploader(distributed: Any, output_dir: str) -> bool:
         uid = None
     uids = distributed.allgather(uid)
     return uid is not None and uids.index(uid) == distributed.rank
-
-
-def configure_quiet_mlflow_http() -> None:
-    """One quick attempt per MLflow request during training (we buffer and retry ourselves)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

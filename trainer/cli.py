@@ -2,22 +2,61 @@
 
 Every user error ends with one ``error: ...`` line and a non-zero exit; set
 ``TEXT2SQL_DEBUG=1`` to see the traceback of an unexpected failure.
+
+The commands that train or talk to MLflow / Determined import their modules when they run
+(`trainer.local_runner` and `trainer.training` pull in torch + transformers, `cluster.mirror`
+mlflow, `cluster.checkpoint_source` determined), so ``text2sql --help`` and ``validate`` load
+none of those (they do load sqlglot and jsonschema, which every command needs: ~0.7 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
+import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cluster.expconf import ENV_SCHEMA_DIR, default_schema_dir
+from cluster.local_source import LocalCheckpointSource
+from cluster.mlflow_tracking import default_tracking_uri
+from cluster.model_ref import checkpoint_folder
 from dataset_utils.errors import UserError
+from dataset_utils.inspect import add_inspect_arguments
+from evaluation.checkpoint_eval import (
+    compare_models,
+    decoding_with,
+    side_by_side,
+    summary_table,
+    test_examples,
+)
+from evaluation.curves import trial_curves
+from evaluation.report import log_report_to_mlflow, write_report
+from trainer.checkpoint import load_checkpoint
+from trainer.cli_model import (
+    add_ask_parser,
+    add_data_fetch_parser,
+    add_evaluate_data_args,
+    add_export_parser,
+    cmd_evaluate_any,
+    run_inspect,
+    version,
+)
+from trainer.experiment import (
+    _context_dir,
+    apply_overrides,
+    check_local_inputs,
+    load_experiment,
+    parse_override,
+    read_yaml,
+)
+from trainer.memory import estimate, gpu_needed, markdown_table, max_tokens, plan_for_experiment
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
-    from trainer.experiment import check_local_inputs, load_experiment
     from trainer.local_runner import evaluate_trial, launch
 
     if ns.slots is not None and ns.slots < 1:
@@ -25,8 +64,8 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     exp = load_experiment(ns.experiment, ns.set)
     check_local_inputs(exp)
     if ns.prepare_only:
-        from trainer.finetune import prepare
         from trainer.local_runner import deepspeed_config_path
+        from trainer.training import prepare
 
         r = prepare(exp.hparams, deepspeed=deepspeed_config_path(exp))
         print(
@@ -46,7 +85,6 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         f"training finished: {summary.get('global_step')} steps in "
         f"{summary.get('seconds', 0):.0f} s; trial folder {result.trial.path}"
     )
-    from evaluation.curves import trial_curves
 
     curves = trial_curves(result.trial.path)
     if curves:
@@ -69,17 +107,12 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
 
 def _cmd_validate(ns: argparse.Namespace) -> int:
-    from cluster.expconf import ENV_SCHEMA_DIR, default_schema_dir
-    from trainer.experiment import load_experiment
-
     if ns.schemas:
         os.environ[ENV_SCHEMA_DIR] = ns.schemas
     # Schemas the user pointed at must exist; without any, the project's own field checks run.
     explicit = bool(ns.schemas or os.environ.get(ENV_SCHEMA_DIR))
     full = default_schema_dir().is_dir()
     if not full and not explicit:
-        import logging
-
         logging.getLogger("trainer.experiment").setLevel(logging.ERROR)  # the notice below says it
         print(
             f"note: Determined's expconf schemas are not at {default_schema_dir()}: checking the "
@@ -99,8 +132,6 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
 def _decoding_overrides(items: Sequence[str]) -> dict[str, object]:
     """``--decoding num_beams=4 --decoding execution_guided=true`` as a dict (checked later
     against `trainer.config.DecodingArgs`, which names the valid keys)."""
-    from trainer.experiment import parse_override
-
     out: dict[str, object] = {}
     for item in items:
         parts, value = parse_override(item)
@@ -122,9 +153,6 @@ def _add_decoding_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_memory(ns: argparse.Namespace) -> int:
-    from trainer.experiment import _context_dir, apply_overrides, read_yaml
-    from trainer.memory import estimate, gpu_needed, markdown_table, max_tokens, plan_for_experiment
-
     paths = [Path(p) for p in ns.experiments]
     if ns.markdown:
         print(markdown_table(paths, _context_dir(paths[0])))
@@ -146,7 +174,7 @@ def _cmd_memory(ns: argparse.Namespace) -> int:
 
 
 def _cmd_mirror(ns: argparse.Namespace) -> int:
-    from cluster.mirror import default_tracking_uri, mirror, mirror_local_trial, print_where_to_look
+    from cluster.mirror import mirror, mirror_local_trial, print_where_to_look
 
     if ns.trial_dir:
         mirror_local_trial(
@@ -183,19 +211,9 @@ def _cmd_mirror(ns: argparse.Namespace) -> int:
 
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
     if getattr(ns, "model", None) or getattr(ns, "data", None):
-        from trainer.cli_model import cmd_evaluate_any
-
         if ns.command == "compare":
             raise UserError("compare takes --checkpoint or --trial-dir (base vs fine-tuned)")
         return cmd_evaluate_any(ns)
-    from evaluation.checkpoint_eval import (
-        compare_models,
-        decoding_with,
-        load_checkpoint,
-        side_by_side,
-        summary_table,
-        test_examples,
-    )
 
     overrides = _decoding_overrides(ns.decoding)
     ckpt = _checkpoint_dir(ns)
@@ -203,8 +221,6 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
     decoding = decoding_with(loaded.hp.eval.decoding, overrides)
     examples = test_examples(loaded, ns.limit, split=ns.split)
     if ns.command == "compare":
-        import random
-
         idx = sorted(random.Random(ns.seed).sample(range(len(examples)), min(ns.n, len(examples))))
         examples = [examples[i] for i in idx]
     comparison = compare_models(
@@ -215,7 +231,6 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
         print()
         print(summary_table(comparison.results))
         return 0
-    from evaluation.report import log_report_to_mlflow, write_report
 
     out = Path(ns.out or (ckpt / "evaluation"))
     paths = write_report(
@@ -227,8 +242,6 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
     )
     print(summary_table(comparison.results))
     print(f"\nreport: {paths['markdown']}\njson:   {paths['json']}\nchart:  {paths['png']}")
-    from cluster.model_ref import checkpoint_folder
-    from evaluation.curves import trial_curves
 
     trial = (checkpoint_folder(ckpt) or (ckpt, None))[1]
     curves = trial_curves(trial, out / "curves.png") if trial is not None else None
@@ -246,7 +259,6 @@ def _checkpoint_dir(ns: argparse.Namespace) -> Path:
         if not p.is_dir():
             raise UserError(f"checkpoint folder {p} does not exist")
         return p
-    from cluster.local_source import LocalCheckpointSource
 
     source = LocalCheckpointSource(ns.trial_dir)
     return source.local_path(source.best_checkpoint())
@@ -278,7 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune LLMs on text-to-SQL with Determined experiment YAMLs, on a cluster "
         "or on this machine; evaluate by execution accuracy; ship to MLflow.",
     )
-    from trainer.cli_model import add_ask_parser, add_data_fetch_parser, add_export_parser, version
 
     p.add_argument("--version", action="version", version=f"text2sql {version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -367,7 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="report folder (default: <checkpoint>/evaluation; with --data or a non-checkpoint "
         "model: ./evaluation/<model>-<data>)",
     )
-    from trainer.cli_model import add_evaluate_data_args
 
     add_evaluate_data_args(e)
     e.set_defaults(func=_cmd_evaluate)
@@ -398,8 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="print benchmarks/README.md's GPU table"
     )
     mem.set_defaults(func=_cmd_memory)
-
-    from dataset_utils.inspect import add_inspect_arguments, run_inspect
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -1,28 +1,43 @@
-"""``text2sql ask``, ``text2sql export``, ``text2sql data fetch`` and ``evaluate --model/--data``.
+"""``text2sql ask``, ``export``, ``data fetch``, ``data inspect`` and ``evaluate --model/--data``.
 
 The sub-commands that take a trained model somewhere: ask it about your own database, export
-it as a standalone HuggingFace folder, score any model on any data. `trainer.cli` wires them
-in (``add_*_parser``); everything here raises `UserError` for what the user got wrong.
+it as a standalone HuggingFace folder, score any model on any data; and the data tools.
+`trainer.cli` wires them in (``add_*_parser``); everything here raises `UserError` for what
+the user got wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from cluster.export import base_hub_id, check_push_args, export_checkpoint, push_to_hub
+from cluster.model_ref import checkpoint_folder, open_model, schema_style_hint
+from dataset_utils import downloads
+from dataset_utils.downloads import ENV_BASE, REGISTRY
 from dataset_utils.errors import UserError
+from dataset_utils.eval_source import load_eval_examples
+from dataset_utils.inspect import DEFAULT_CANDIDATES, inspect_data
+from evaluation.checkpoint_eval import compare_models, summary_table, test_examples
+from evaluation.curves import trial_curves
+from evaluation.databases import cached_database
+from evaluation.judge import score
+from evaluation.report import log_report_to_mlflow, write_report
+from trainer.checkpoint import load_checkpoint, read_manifest
+from trainer.experiment import load_experiment
+from trainer.modeling import load_tokenizer
+from trainer.training_data import build_datasets
 
 # ---------------------------------------------------------------------------------------------
 # data fetch
 
 
 def add_data_fetch_parser(dsub: Any) -> None:
-    from dataset_utils.downloads import ENV_BASE, REGISTRY
-
     names = sorted(REGISTRY)
     f = dsub.add_parser(
         "fetch",
@@ -42,8 +57,6 @@ def add_data_fetch_parser(dsub: Any) -> None:
 
 
 def cmd_data_fetch(ns: argparse.Namespace) -> int:
-    from dataset_utils import downloads
-
     entry = downloads.get(ns.name)
     already = downloads.fetched_path(entry)
     path = downloads.fetch(
@@ -126,14 +139,10 @@ def format_rows(columns: list[str], rows: list[list[Any]], *, truncated: bool) -
 
 
 def cmd_ask(ns: argparse.Namespace) -> int:
-    from cluster.model_ref import open_model
-
     if ns.max_rows < 1:
         raise UserError(f"--max-rows must be >= 1, found {ns.max_rows}")
     schema = _schema_text(ns.schema) if ns.schema else None
     if ns.db:
-        from evaluation.databases import cached_database
-
         cached_database(ns.db)  # a missing or non-SQLite file fails before the model loads
     opened = open_model(ns.model, runs_dir=ns.runs_dir)
     answerer = opened.answerer
@@ -200,10 +209,6 @@ def add_export_parser(sub: Any) -> None:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from cluster.export import check_push_args, export_checkpoint, push_to_hub
-    from cluster.model_ref import checkpoint_folder
-    from evaluation.checkpoint_eval import load_checkpoint
-
     if ns.base_id and not ns.adapter:
         raise UserError("--base-id only applies with --adapter")
     check_push_args(ns.push_to_hub)
@@ -215,9 +220,6 @@ def cmd_export(ns: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not empty; choose a new folder")
     if ns.adapter:
-        from cluster.export import base_hub_id
-        from evaluation.checkpoint_eval import read_manifest
-
         if not (found[0] / "adapter_config.json").is_file():
             raise UserError(f"--adapter: {found[0]} is a full fine-tune, it has no adapter")
         model = (read_manifest(found[0])["hyperparameters"].get("model") or {}).get(
@@ -281,17 +283,10 @@ def _slug(text: str) -> str:
 
 def cmd_evaluate_any(ns: argparse.Namespace) -> int:
     """``evaluate`` with ``--model`` and/or ``--data``: any model on any data, same report."""
-    from cluster.model_ref import open_model, schema_style_hint
-    from evaluation.checkpoint_eval import compare_models, summary_table, test_examples
-    from evaluation.judge import score
-    from evaluation.report import log_report_to_mlflow, write_report
-
     ref = ns.model or ns.checkpoint or ns.trial_dir
     columns = _parse_columns(ns.columns)
 
     def load_data(style: str) -> tuple[list[Any], str]:
-        from dataset_utils.eval_source import load_eval_examples
-
         return load_eval_examples(
             ns.data,
             fmt=ns.format,
@@ -340,8 +335,6 @@ def cmd_evaluate_any(ns: argparse.Namespace) -> int:
     print(summary_table(results))
     print(f"\nreport: {paths['markdown']}\njson:   {paths['json']}\nchart:  {paths['png']}")
     if opened.trial_dir is not None:
-        from evaluation.curves import trial_curves
-
         curves = trial_curves(opened.trial_dir, out / "curves.png")
         if curves:
             print(f"curves: {curves}")
@@ -351,9 +344,41 @@ def cmd_evaluate_any(ns: argparse.Namespace) -> int:
     return 0
 
 
-def version() -> str:
-    import importlib.metadata as md
+# ---------------------------------------------------------------------------------------------
+# data inspect
 
+
+def run_inspect(ns: argparse.Namespace) -> int:
+    """Load the experiment, inspect its data, print the report. Raises `UserError` on bad input."""
+    exp = load_experiment(ns.experiment, ns.set)
+    data, model = exp.hparams.data, exp.hparams.model
+    tokenizer = load_tokenizer(model)
+    prepared = None
+    if ns.examples > 0:
+        try:  # the trainer's own pipeline: the rows shown are the rows trained on
+            prepared = build_datasets(exp.hparams, tokenizer)
+        except UserError as e:  # e.g. every row over max_length: still show the lengths
+            print(f"note: the trainer would refuse this data ({e}); examples from the subset")
+    report = inspect_data(
+        [s.to_spec() for s in data.sources],
+        tokenizer,
+        chat_format=model.chat_format,
+        subset=data.subset,
+        number_of_samples=data.number_of_samples,
+        complexity=data.complexity,
+        max_length=data.max_length,
+        candidate_lengths=ns.max_length or DEFAULT_CANDIDATES,
+        n_examples=ns.examples,
+        out_dir=Path(ns.out),
+        seed=ns.seed,
+        prepared=prepared,
+    )
+    print(f"experiment: {ns.experiment} (model {model.name_or_path})")
+    print(report.format_text())
+    return 0
+
+
+def version() -> str:
     try:
         return md.version("text2sql-finetune")
     except md.PackageNotFoundError:

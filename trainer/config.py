@@ -10,9 +10,14 @@ checked against the type of its field. Nothing downstream sees the raw dict.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import enum
+import importlib.util
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
 from dataset_utils.errors import UserError
@@ -478,8 +483,6 @@ def parse_hyperparameters(hparams: dict[str, Any], base_dir: Any = None) -> Hype
     args = dict(hp.training_args)
     ds = args.get("deepspeed")
     if isinstance(ds, str) and base_dir is not None:
-        from pathlib import Path
-
         if not Path(ds).is_absolute() and (Path(base_dir) / ds).is_file():
             args["deepspeed"] = str(Path(base_dir) / ds)
         elif not Path(ds).is_file():
@@ -511,15 +514,12 @@ def validate_training_args(
     for key, where in _RESERVED_TRAINING_ARGS.items():
         if user and key in training_args:
             raise UserError(f"hyperparameters.training_args.{key}: set {where} instead")
-    import inspect
 
     from transformers import TrainingArguments
 
     valid = set(inspect.signature(TrainingArguments.__init__).parameters) - {"self"}
     unknown = [k for k in training_args if k not in valid]
     if unknown:
-        import difflib
-
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(k, valid, n=1)
@@ -581,8 +581,6 @@ def _typed_training_args(training_args: dict[str, Any], cls: type) -> dict[str, 
 
 def _arg_value(value: Any, tp: Any) -> tuple[bool, Any]:
     """(whether ``value`` fits type ``tp``, the value as the field takes it)."""
-    import enum
-
     if get_origin(tp) in (Union, types.UnionType):
         args = get_args(tp)
         if value is None:
@@ -623,8 +621,6 @@ def _arg_value(value: Any, tp: Any) -> tuple[bool, Any]:
 
 
 def _arg_type_name(tp: Any) -> str:
-    import enum
-
     if get_origin(tp) in (Union, types.UnionType):
         args = get_args(tp)
         if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
@@ -643,6 +639,4 @@ def _arg_type_name(tp: Any) -> str:
 
 
 def _have(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None

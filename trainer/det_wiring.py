@@ -1,6 +1,6 @@
 """Determined Core API wiring shared by the cluster and the off-cluster paths.
 
-`trainer.finetune.run_on_cluster` and `run_off_cluster` both build their Core API context here:
+`trainer.job.run_on_cluster` and `run_off_cluster` both build their Core API context here:
 
 - `launcher_from_env` / `distributed_context`: the `DistributedContext` of the launcher that
   actually started this process, read from the variables that launcher sets. Never from the

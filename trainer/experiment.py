@@ -9,6 +9,8 @@ the trainer never reports.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import logging
 import math
 import os
 import re
@@ -17,9 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.expconf_fields import TOP_LEVEL_KEYS
+from cluster.expconf import default_schema_dir, validate_experiment
+from cluster.expconf_fields import TOP_LEVEL_KEYS, field_errors
 from dataset_utils.errors import UserError
-from trainer.config import Hyperparameters, parse_hyperparameters
+from dataset_utils.settings import hub_offline
+from dataset_utils.sources import load_source
+from trainer.config import EMBEDDED_MODELS, Hyperparameters, parse_hyperparameters
 
 # What the trainer reports to the searcher (validation group). Per-difficulty execution
 # accuracies are reported by the final evaluation, not during training.
@@ -228,14 +233,8 @@ def check_schema(config: dict[str, Any], path: Path, *, required: bool = False) 
     a missing schema directory an error instead. Returns ``"determined"`` or ``"project"``:
     which check ran.
     """
-    from cluster.expconf import default_schema_dir, validate_experiment
-
     schema_dir = default_schema_dir()
     if not required and not schema_dir.is_dir():
-        import logging
-
-        from cluster.expconf_fields import field_errors
-
         logging.getLogger(__name__).warning(
             "Determined expconf schemas not found at %s: skipping the schema check; checked "
             "the fields this project reads instead (set TEXT2SQL_EXPCONF_DIR to Determined's "
@@ -353,15 +352,12 @@ def check_local_inputs(exp: Experiment) -> None:
             f"{exp.path}: method 'qlora' needs bitsandbytes, which is not installed here: "
             "pip install 'text2sql-finetune[qlora]' (bitsandbytes==0.50.2)"
         )
-    from dataset_utils.sources import load_source
 
     for source in hp.data.sources:
         load_source(source.to_spec())
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
-
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
@@ -369,8 +365,6 @@ def _importable(name: str) -> bool:
 
 
 def _check_model(name: str, gguf_file: str | None, revision: str | None, path: Path) -> None:
-    from trainer.config import EMBEDDED_MODELS
-
     if name in EMBEDDED_MODELS:
         return
     local = Path(name).expanduser()
@@ -382,7 +376,6 @@ def _check_model(name: str, gguf_file: str | None, revision: str | None, path: P
         return
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise UserError(f"{path}: model.name_or_path: local model folder {name} does not exist")
-    from dataset_utils.settings import hub_offline
 
     if not hub_offline():
         return  # a Hub id: the download reports its own errors

@@ -20,7 +20,9 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +32,7 @@ from transformers import Trainer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from dataset_utils.formatting import IGNORE_INDEX
-from trainer.segment_attention import enable_segment_attention, uses_segment_attention
+from trainer.segment_attention import Segments, enable_segment_attention, uses_segment_attention
 
 
 class CompletionCollator:
@@ -89,8 +91,6 @@ class CompletionCollator:
         return [(p if len(members) > 1 else 0, members) for p, members in groups.values()]
 
     def _flat(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        from trainer.segment_attention import Segments
-
         ids: list[int] = []
         labels: list[int] = []
         pos: list[int] = []
@@ -384,8 +384,6 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def _merge(self, batches: list[list[int]], until: int = 0) -> list[list[int]]:
         """Merge the cheapest batches into others while they fit (down to ``until``)."""
-        import bisect
-
         items = sorted((self.cost(b), b) for b in batches)
         costs = [c for c, _ in items]
         rows = [b for _, b in items]
@@ -412,8 +410,6 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         if len(batches) > target:
             batches = self._merge(batches, until=target)
         if len(batches) > target:
-            import logging
-
             logging.getLogger("trainer").warning(
                 "efficiency.max_tokens_per_batch: epoch %d needs %d batches, the epoch has %d; "
                 "%d batches are skipped this epoch",

@@ -1,9 +1,10 @@
 """Run a Determined experiment YAML off-cluster: ``text2sql run experiments/<x>.yaml``.
 
-The same entrypoint as on the cluster (`trainer.finetune`) runs with ``slots_per_trial``
-processes (capped to the CPUs/GPUs present), honouring the YAML's launcher:
+The same entrypoint as on the cluster (``python -m trainer.finetune``) runs with
+``slots_per_trial`` processes (capped to the CPUs/GPUs present), honouring the YAML's launcher:
 
-- no launcher: one process (in this process, so Ctrl-C / SIGTERM checkpoint and stop cleanly);
+- no launcher: one process (in this process, `trainer.job.run_off_cluster`, so Ctrl-C /
+  SIGTERM checkpoint and stop cleanly);
 - ``determined.launch.torch_distributed``: ``torchrun --nproc_per_node N`` (gloo on CPU);
 - ``determined.launch.deepspeed``: the ``deepspeed`` launcher (``DS_ACCELERATOR=cpu`` on CPU).
 
@@ -19,6 +20,7 @@ skipped by ``--no-mirror``).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -37,6 +39,7 @@ from cluster.local_source import LocalCheckpointSource
 from dataset_utils.errors import UserError
 from evaluation.checkpoint_eval import CheckpointEvaluation, evaluate_checkpoint, report_dir_for
 from trainer.experiment import Experiment, local_world_size, threads_per_rank
+from trainer.job import run_off_cluster
 from trainer.run_store import ExperimentDir, TrialDir
 
 log = logging.getLogger(__name__)
@@ -153,8 +156,6 @@ def launch(
     for note in exp.notes:
         print(f"search space resolved for this local trial: {note}", flush=True)
     if world == 1 and exp.launcher != "deepspeed":
-        from trainer.finetune import run_off_cluster
-
         summary = run_off_cluster(trial.path, progress=progress)
         return LaunchResult(trial, 1, "none", 0, summary)
 
@@ -184,8 +185,6 @@ def launch(
     summary = None
     summary_file = trial.path / "summary.json"
     if summary_file.is_file():
-        import json
-
         summary = json.loads(summary_file.read_text())
     if rc != 0:
         raise UserError(

@@ -55,9 +55,15 @@ is small next to training: ``generation_kv_bytes``). `gpu_needed` keeps 10% head
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from dataset_utils.errors import UserError
+from trainer.config import parse_hyperparameters
 
 GB = 1e9
 # Share of a micro-batch's tokens that are completions (the SQL): the positions projected onto
@@ -484,9 +490,6 @@ def _deepspeed_config(ds: Any, context_dir: Path) -> dict[str, Any]:
 
 def plan_for_experiment(config: dict[str, Any], context_dir: Path) -> TrainingPlan:
     """The plan of an experiment YAML's largest trial (search spaces at their maximum)."""
-    from dataset_utils.errors import UserError
-    from trainer.config import parse_hyperparameters
-
     hp = parse_hyperparameters(_largest(config.get("hyperparameters") or {}), base_dir=context_dir)
     name = hp.model.name_or_path
     if name not in MODEL_CONFIGS:
@@ -546,15 +549,11 @@ def plan_for_experiment(config: dict[str, Any], context_dir: Path) -> TrainingPl
 
 def yaml_memory_figure(text: str) -> float | None:
     """The figure in a YAML header line ``# GPU memory (trainer/memory.py): X GB per GPU``."""
-    import re
-
     m = re.search(r"^# GPU memory \(trainer/memory\.py\): ~?([\d.]+) GB per GPU", text, re.M)
     return float(m.group(1)) if m else None
 
 
 def experiment_row(path: Path, context_dir: Path) -> dict[str, Any]:
-    import yaml
-
     config = yaml.safe_load(path.read_text())
     plan = plan_for_experiment(config, context_dir)
     est = estimate(plan)

@@ -25,7 +25,7 @@ from typing import Any
 
 from dataset_utils.errors import UserError
 from dataset_utils.settings import cache_dir, hub_offline
-from trainer.config import EMBEDDED_MODELS, LoraArgs, ModelArgs, QuantizationArgs
+from trainer.config import EMBEDDED_MODELS, Hyperparameters, LoraArgs, ModelArgs, QuantizationArgs
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +322,40 @@ def apply_adapter(
         if lora_cfg is not None:
             base.disable_input_require_grads()
     return model
+
+
+def build_model(hp: Hyperparameters, tokenizer: Any) -> Any:
+    """The model to train: loaded (4-bit for QLoRA), with the method's adapter (if any) on top
+    and the attention kernel ``efficiency`` asks for."""
+    quant = quantization_config(hp.method, hp.quantization)
+    attn = None
+    if hp.efficiency.flash_attention:
+        if hp.efficiency.prefix_sharing:
+            # Segment attention (Text2SqlTrainer switches to it) trains shared prefixes with
+            # FlexAttention on a GPU; flash-attn has no way to let blocks share a prefix.
+            log.info(
+                "efficiency.flash_attention: prefix_sharing trains with FlexAttention; "
+                "flash-attn is used with prefix_sharing: false"
+            )
+        elif _flash_attn_ok():
+            attn = "flash_attention_2"
+    model = load_model(hp.model, quant_config=quant, attn_implementation=attn)
+    return apply_adapter(
+        model,
+        peft_config(hp.method, hp.lora, model),
+        tokenizer=tokenizer,
+        activation_checkpointing=hp.efficiency.activation_checkpointing != "false",
+        quantized=quant is not None,
+    )
+
+
+def _flash_attn_ok() -> bool:
+    import torch
+
+    ok = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if not ok:
+        log.warning("efficiency.flash_attention: flash-attn or a GPU is missing; using sdpa")
+    return ok
 
 
 def _numel(p: Any) -> int:

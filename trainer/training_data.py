@@ -1,7 +1,7 @@
 """The experiment's data, built the one way the trainer builds it.
 
 `build_datasets` maps the parsed ``hyperparameters.data`` (and the model's chat format) onto
-`dataset_utils.pipeline.prepare_data`. The trainer (`trainer.finetune`), the checkpoint
+`dataset_utils.pipeline.prepare_data`. The training job (`trainer.job.train`), the checkpoint
 evaluation (`evaluation.checkpoint_eval`, which rebuilds the test split) and ``text2sql data
 inspect`` all call it, so what they show is what is trained on (SQL style included).
 """
