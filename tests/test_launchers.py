@@ -174,8 +174,11 @@ def test_deepspeed_two_ranks_share_prefixes_like_one_process(
         tmp_path / "two",
         [*common, "resources.slots_per_trial=2", f"training_args.deepspeed={ds_config}"],
     )
-    assert "deepspeed --num_gpus 2" in two.stdout and "launching" not in one.stdout
-    s2 = summary(trial_dir(tmp_path / "two"))
+    # A DeepSpeed-launcher experiment always runs under the launcher (as on a cluster), one
+    # process for one slot; without training_args.deepspeed that process trains without it.
+    assert "deepspeed --num_gpus 2" in two.stdout and "deepspeed --num_gpus 1" in one.stdout
+    s1, s2 = summary(trial_dir(tmp_path / "one")), summary(trial_dir(tmp_path / "two"))
+    assert s1["engine"] != "DeepSpeedEngine" and s1["world_size"] == 1
     assert s2["engine"] == "DeepSpeedEngine" and s2["world_size"] == 2
     l1, l2 = step_losses(trial_dir(tmp_path / "one")), step_losses(trial_dir(tmp_path / "two"))
     assert sorted(l1) == sorted(l2) == list(range(1, steps + 1))
