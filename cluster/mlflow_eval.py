@@ -53,6 +53,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.mlflow_tracking import env_var
 from dataset_utils.errors import UserError
 from dataset_utils.records import Example
 from dataset_utils.redact import tracking_params
@@ -227,14 +228,11 @@ def _eval_workers(tracking_uri: str) -> Iterator[None]:
     """One writer thread for a SQLite store (concurrent trace writes to one SQLite file lost
     traces in MLflow 3.17.2: "Trace ... not found"), MLflow's default for a server."""
     key = "MLFLOW_GENAI_EVAL_MAX_WORKERS"
-    previous = os.environ.get(key)
-    if tracking_uri.startswith("sqlite:") and previous is None:
-        os.environ[key] = "1"
-    try:
+    if tracking_uri.startswith("sqlite:") and key not in os.environ:
+        with env_var(key, "1"):
+            yield
+    else:
         yield
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
 
 
 def run_traces(client: Any, experiment_id: str, run_id: str) -> list[Any]:

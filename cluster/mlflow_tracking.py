@@ -123,9 +123,16 @@ def single_http_attempt() -> Iterator[None]:
     (``urllib3.Retry(allowed_methods=None)`` in ``mlflow/utils/request_utils.py``): a create
     whose reply was lost is sent again and makes a second run or model version. Inside this
     block requests go out once; `create_once` decides what to do after a failure."""
-    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    with env_var("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"):
+        yield
+
+
+@contextlib.contextmanager
+def env_var(key: str, value: str) -> Iterator[None]:
+    """``os.environ[key] = value`` inside the block (MLflow reads its settings from the
+    environment at each call), the previous value or its absence restored after."""
     old = os.environ.get(key)
-    os.environ[key] = "0"
+    os.environ[key] = value
     try:
         yield
     finally:

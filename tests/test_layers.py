@@ -40,15 +40,22 @@ def _graph() -> grimp.ImportGraph:
     return grimp.build_graph(*PACKAGES, cache_dir=None)
 
 
-def test_lint_imports_contract_is_kept() -> None:
+def _lint_imports(
+    config: Path, cwd: Path, *, timeout: int, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
-    proc = subprocess.run(
-        [exe, "--no-cache", "--no-logo", str(REPO / "pyproject.toml")],
-        cwd=REPO,
+    return subprocess.run(
+        [exe, "--no-cache", "--no-logo", str(config)],
+        cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
+        env=env,
     )
+
+
+def test_lint_imports_contract_is_kept() -> None:
+    proc = _lint_imports(REPO / "pyproject.toml", REPO, timeout=300)
     assert proc.returncode == 0, (
         "an import crosses the layers in pyproject.toml [tool.importlinter] (move the code to "
         "the lowest layer that needs it; a function-local import is no way around it):\n"
@@ -175,15 +182,8 @@ def test_the_checks_catch_violations(tmp_path: Path) -> None:
         '[[tool.importlinter.contracts]]\nname = "demo layers"\ntype = "layers"\n'
         'layers = ["demo.high", "demo.low"]\n'
     )
-    exe = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
-    proc = subprocess.run(
-        [exe, "--no-cache", "--no-logo", str(tmp_path / "cfg.toml")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PYTHONPATH": str(tmp_path), "PATH": str(Path(sys.executable).parent)},
-    )
+    env = {"PYTHONPATH": str(tmp_path), "PATH": str(Path(sys.executable).parent)}
+    proc = _lint_imports(tmp_path / "cfg.toml", tmp_path, timeout=120, env=env)
     assert proc.returncode == 1
     # The report names the layers, the importer and the line of the function-local import.
     assert "demo.low is not allowed to import demo.high" in proc.stdout, proc.stdout
