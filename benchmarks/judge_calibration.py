@@ -1,6 +1,6 @@
 """Judge calibration on real data: does the SQL judge accept gold and reject wrong SQL?
 
-For every example it judges (see `evaluation.perturb`):
+For every example it judges (see `benchmarks/perturb.py`):
 
 - gold vs itself (must be 100% correct) and the sqlglot round trip of gold (also must be);
 - four systematic perturbations of gold (changed literal, dropped WHERE, swapped aggregate,
@@ -34,11 +34,11 @@ if str(REPO_ROOT) not in sys.path:
     # Run as a script from anywhere: make the repository's packages importable.
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.perturb import PERTURBATIONS, CalibrationReport, KindStats, calibrate  # noqa: E402
 from dataset_utils.errors import UserError  # noqa: E402
 from dataset_utils.records import Example  # noqa: E402
 from dataset_utils.settings import shared_data_dir  # noqa: E402
 from evaluation.db_variants import DEFAULT_SUITE_SIZE  # noqa: E402
-from evaluation.perturb import PERTURBATIONS, CalibrationReport, KindStats, calibrate  # noqa: E402
 
 DATASETS = ("spider", "sql-create-context")
 

@@ -16,6 +16,10 @@ trained with LoRA (r 16, all-linear) and as a full fine-tune:
                          `trainer.hf_trainer.CompletionCollator` / `Text2SqlTrainer`):
                          shared-prefix batches from `PrefixGroupedSampler`, logits only at
                          completion positions, bf16 ``auto``, activation checkpointing ``auto``.
+  (t) ``trl``         -- trl's `SFTTrainer` (``--recipes a,b,c,t``; trl is in the dev extra) on
+                         the same rows as (b): completion-only loss, per-batch padding (its
+                         padding-free mode needs FlashAttention, CUDA only), its chunked LM
+                         head, fp32. Why the trainer is not built on it: benchmarks/README.md.
 
 The timed batches hold exactly the same examples in every recipe: the project's sampler picks
 ``warmup + steps`` batches from all 972 rows; (a) and (b) get the same rows shuffled into random
@@ -72,7 +76,9 @@ RECIPES = {
     "a": "mlflow: pad 256, all-token loss, fp32",
     "b": "determined: dynamic pad, completion loss, fp32",
     "c": "project default",
+    "t": "trl SFTTrainer: dynamic pad, completion loss, fp32",
 }
+DEFAULT_RECIPES = "a,b,c"  # (t) needs trl (the dev extra): --recipes a,b,c,t
 METHODS = ("lora", "full")
 FIXED_LENGTH = 256  # the MLflow QLoRA tutorial's max_length (padding="max_length", truncation)
 RSS_LIMIT_GB = 8.0
@@ -152,7 +158,7 @@ def choose_batches(
     rng.shuffle(timed_rows)
     shuffled = warm_rows + timed_rows
     random_batches = [shuffled[i : i + batch_size] for i in range(0, n, batch_size)]
-    return {"a": random_batches, "b": random_batches, "c": project}
+    return {"a": random_batches, "b": random_batches, "c": project, "t": random_batches}
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +207,7 @@ def batch_stats(recipe: str, rows: list[dict[str, Any]]) -> dict[str, int]:
                 1 for c, n in zip(n_completion, lengths, strict=True) if n - c >= FIXED_LENGTH
             ),
         }
-    if recipe == "b":
+    if recipe in ("b", "t"):  # (t): trl's fused LM head still runs at every position
         return {
             "useful_tokens": sum(lengths),
             "computed_tokens": sum(lengths),
@@ -314,6 +320,32 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "activation_checkpointing": eff.activation_checkpointing,
             "checkpointing_min_tokens": eff.checkpointing_min_tokens,
         }
+    elif recipe == "t":
+        # trl's SFTTrainer as its docs set it up for a prompt-completion dataset, on the same
+        # tokenized rows: `labels` already hold -100 outside the completion (what trl builds
+        # from `completion_mask`), so trl keeps them. Its defaults that differ on this machine
+        # are set as (b) has them: fp32 (SFTConfig defaults to bf16, 100x slower here), no
+        # truncation (max_length=None; (b) and (c) train every token). padding_free stays off:
+        # trl supports it only with FlashAttention 2/3 (CUDA), so on CPU SFTTrainer pads per
+        # batch like (b), and computes log-probs at every position with its chunked LM head.
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(
+            output_dir=out_dir,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            report_to="none",
+            disable_tqdm=True,
+            max_length=None,
+            padding_free=False,
+            **common,
+        )
+        model = load_model(ModelArgs(name_or_path=model_args.name_or_path, dtype="float32"))
+        lora = LoraArgs() if method == "lora" else None
+        model = apply_adapter(model, peft_config(method, lora), activation_checkpointing=False)
+        collator = None  # trl's own DataCollatorForLanguageModeling
+        trainer_cls, extra = SFTTrainer, {}
+        settings = {"bf16": False, "prefix_sharing": False, "packing": False, "trl": True}
     else:
         args = TrainingArguments(
             output_dir=out_dir,
@@ -357,13 +389,16 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             self.cpu_marks.append(time.process_time())
 
     rows = [r for b in batches for r in b]
+    if recipe == "t":
+        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
     dataset = datasets.Dataset.from_list(rows)
     timer = StepTimer()
+    collator_kw = {} if collator is None else {"data_collator": collator}
     trainer = InOrder(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=collator,
+        **collator_kw,
         processing_class=tok,
         callbacks=[timer],
         **extra,
@@ -629,7 +664,7 @@ def ratios(results: list[dict[str, Any]]) -> list[str]:
         c = by.get(("c", method))
         if c is None:
             continue
-        for other in ("a", "b"):
+        for other in ("a", "b", "t"):
             o = by.get((other, method))
             if o is None:
                 continue
@@ -664,9 +699,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default="lora,full", help="comma list of lora,full")
     p.add_argument(
         "--recipes",
-        default="a,b,c",
-        help="comma list of the recipes to time, a,b,c (default all; empty: none, e.g. to run "
-        "only the memory points or --batch-scaling)",
+        default=DEFAULT_RECIPES,
+        help="comma list of the recipes to time: a, b, c, and t (trl's SFTTrainer; needs trl, "
+        "in the dev extra). Default a,b,c; empty: none, e.g. to run only the memory points or "
+        "--batch-scaling",
     )
     p.add_argument(
         "--memory-steps",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.local_source import LocalCheckpointSource
+from cluster.mlflow_tracking import default_tracking_uri
 from dataset_utils.errors import UserError
 from evaluation.answer import from_checkpoint, from_pretrained, read_export_spec, schema_style_of
 from trainer.checkpoint import load_checkpoint, read_manifest
@@ -56,14 +57,14 @@ def checkpoint_folder(ref: str | Path) -> tuple[Path, Path | None] | None:
 def tracking_uri(runs_dir: str | Path | None = None) -> str:
     """$MLFLOW_TRACKING_URI, else the local store ``text2sql run`` writes (must exist)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    db = Path(runs_dir or os.environ.get("TEXT2SQL_RUNS", "runs")) / "mlflow.db"
-    if not db.is_file():
+        return default_tracking_uri()
+    runs = Path(runs_dir or os.environ.get("TEXT2SQL_RUNS", "runs"))
+    if not (runs / "mlflow.db").is_file():
         raise UserError(
-            f"no MLflow tracking store: MLFLOW_TRACKING_URI is not set and {db} does not exist; "
-            "set MLFLOW_TRACKING_URI (e.g. sqlite:///runs/mlflow.db) or --runs-dir"
+            f"no MLflow tracking store: MLFLOW_TRACKING_URI is not set and {runs / 'mlflow.db'} "
+            "does not exist; set MLFLOW_TRACKING_URI (e.g. sqlite:///runs/mlflow.db) or --runs-dir"
         )
-    return f"sqlite:///{db.resolve()}"
+    return default_tracking_uri(runs)  # the store `text2sql run` writes there
 
 
 def schema_style_hint(ref: str) -> str | None:

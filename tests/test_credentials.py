@@ -241,20 +241,17 @@ def test_secrets_in_the_config_never_reach_mlflow(tmp_path: Path, spider_dir: Pa
     assert list((runs / "mlartifacts").rglob("*.safetensors"))  # the model was mirrored
 
     # The copy of the user's YAML the trial runs from holds the secrets by design, and so does
-    # the Trainer's own pickle of its TrainingArguments (training_args.bin: hub_token is one);
-    # every other file (MLflow store bytes, artifacts, checkpoint manifests, reports, logs)
-    # must not.
+    # the Trainer's own pickle of its TrainingArguments in the trial's checkpoints
+    # (training_args.bin: hub_token is one of them); every other file (the MLflow store's bytes
+    # and every artifact in it, checkpoint manifests, reports, logs) must not.
     user_config = runs / "cfgsecrets" / "experiment.yaml"
+    store = runs / "mlartifacts"
     leaks = []
     scanned = 0
     blobs = {"stdout": proc.stdout.encode(), "stderr": proc.stderr.encode()}
     for f in sorted(runs.rglob("*")):
-        if (
-            f.is_file()
-            and not f.is_symlink()
-            and f != user_config
-            and f.name != "training_args.bin"
-        ):
+        trainer_pickle = f.name == "training_args.bin" and store not in f.parents
+        if f.is_file() and not f.is_symlink() and f != user_config and not trainer_pickle:
             blobs[str(f)] = f.read_bytes()
     for name, blob in blobs.items():
         scanned += 1

@@ -8,11 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset_utils.records import Example
-from dataset_utils.sources import SourceSpec, load_source
-from evaluation.execution import gold_is_ordered, normalize_value, results_match
-from evaluation.judge import GoldCache, judge_example, method_for, score
-from evaluation.perturb import (
+from benchmarks.perturb import (
     PERTURBATIONS,
     calibrate,
     equivalent_rewrite,
@@ -20,6 +16,10 @@ from evaluation.perturb import (
     perturbations,
     schema_of,
 )
+from dataset_utils.records import Example
+from dataset_utils.sources import SourceSpec, load_source
+from evaluation.execution import gold_is_ordered, normalize_value, results_match
+from evaluation.judge import GoldCache, judge_example, method_for, score
 from evaluation.postprocess import extract_sql
 from evaluation.sql_metrics import bleu, exact_match, is_valid_sql, normalize_sql
 from evaluation.synth_db import (

@@ -200,3 +200,24 @@ def test_the_checks_catch_violations(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_tests_readme_maps_every_module_to_existing_tests() -> None:
+    """tests/README.md lists every module of the four packages, and every test file it names
+    exists."""
+    import re
+
+    text = (REPO / "tests" / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z_.]+)` \|", text, flags=re.M))
+    modules = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts)
+        for pkg in PACKAGES
+        for p in (REPO / pkg).rglob("*.py")
+        if p.name != "__init__.py"
+    }
+    assert modules - listed == set(), "add these modules to tests/README.md"
+    assert listed - modules == set(), "tests/README.md lists modules that do not exist"
+    named = set(re.findall(r"([\w/]+\.py)", text))
+    missing = sorted(n for n in named if not (REPO / "tests" / n).is_file())
+    missing = [n for n in missing if not (REPO / n).is_file()]  # benchmarks/perturb.py
+    assert missing == []

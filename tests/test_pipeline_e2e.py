@@ -98,6 +98,41 @@ def test_lora_training_loss_decreases_and_only_adapter_changes(
     assert "eval_execution_accuracy" in hist["validation"][-1][1]
 
 
+def test_one_slot_run_parses_the_experiment_once(
+    isolated: Path, tiny_llama: Path, spider_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process (one slot, no launcher) the experiment `text2sql` parsed goes on to the
+    Trainer as it is: the job neither re-reads the trial folder's YAML nor parses the
+    hyperparameters again, and the trial folder's YAML parses to the same hyperparameters."""
+    import dataclasses
+    import types
+
+    import yaml
+
+    import trainer.job
+    from trainer.config import parse_hyperparameters
+    from trainer.experiment import load_experiment
+    from trainer.local_runner import launch, trial_hparams
+
+    exp_path = tiny.write_experiment(isolated / "exp.yaml", tiny_llama, steps=2)
+    exp = load_experiment(exp_path, ["data.number_of_samples=12"])
+
+    def parsed_again(*a: object, **k: object) -> None:
+        raise AssertionError("the one-slot run parsed the experiment a second time")
+
+    monkeypatch.setattr(trainer.job, "parse_hyperparameters", parsed_again)
+    # trainer.job's own view of PyYAML (peft's model card reads YAML through the real one).
+    monkeypatch.setattr(trainer.job, "yaml", types.SimpleNamespace(safe_load=parsed_again))
+    result = launch(exp, isolated / "runs", progress=False)
+    monkeypatch.undo()
+    assert result.world_size == 1 and result.summary is not None
+    assert result.summary["global_step"] == 2
+    written = yaml.safe_load((result.trial.experiment_dir / "experiment.yaml").read_text())
+    assert dataclasses.asdict(parse_hyperparameters(written["hyperparameters"])) == (
+        dataclasses.asdict(trial_hparams(exp))
+    )
+
+
 def test_full_finetune_changes_every_weight(
     isolated: Path, tiny_llama: Path, spider_dir: Path
 ) -> None:

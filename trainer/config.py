@@ -494,6 +494,24 @@ def parse_hyperparameters(hparams: dict[str, Any], base_dir: Any = None) -> Hype
     return hp
 
 
+# What this project gives `TrainingArguments` where an experiment's ``training_args`` is silent
+# (transformers' own default in the comment). The run (`trainer.training.build_training_args`)
+# and the check below start from the same values; the YAML overrides any of them.
+TRAINING_ARGS_DEFAULTS: dict[str, Any] = {
+    "report_to": "none",  # transformers: every installed integration. Tracking is ours
+    #   (DetCallback on a cluster, the live MLflow logger off-cluster).
+    "logging_steps": 10,  # transformers: 500. Loss reaches the Web UI / MLflow every 10 steps.
+    "save_strategy": "steps",  # as transformers; save_steps (500) from the YAML.
+    "eval_strategy": "no",  # as transformers; the YAMLs that validate set "steps".
+}
+# What the run always sets, whatever the YAML says (each with its reason):
+#   output_dir             the run's own folder (cluster: /tmp/text2sql-output; off-cluster:
+#                          the trial folder's hf_output);
+#   remove_unused_columns  False: the collator reads the ``length`` column;
+#   disable_tqdm           not --progress; use_cpu on a machine without CUDA;
+#   bf16 / tf32            from efficiency.bf16 and the GPU found (`trainer.training`);
+#   deepspeed              the experiment's config, resolved against the context directory.
+
 _RESERVED_TRAINING_ARGS = {
     # Derived from other sections so there is one place to set them.
     "gradient_checkpointing": "activation_checkpointing",
@@ -549,9 +567,8 @@ def validate_training_args(
             f"hyperparameters.training_args.optim {optim!r} needs bitsandbytes: "
             "pip install 'text2sql-finetune[qlora]' (bitsandbytes==0.50.2), or use adamw_torch"
         )
-    args = dict(training_args)
+    args = {**TRAINING_ARGS_DEFAULTS, **training_args}
     args["output_dir"] = output_dir or args.get("output_dir") or "/tmp/text2sql-validate"
-    args.setdefault("report_to", "none")
     try:
         return TrainingArguments(**args)
     except (ValueError, TypeError) as e:

@@ -199,11 +199,25 @@ def run_on_cluster(info: Any) -> dict[str, Any]:
         return train(hp, env)
 
 
-def run_off_cluster(trial_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Off-cluster: Core API local context, run store, SIGTERM preemption, live MLflow."""
+def run_off_cluster(
+    trial_dir: Path,
+    *,
+    progress: bool = True,
+    parsed: tuple[dict[str, Any], Hyperparameters] | None = None,
+) -> dict[str, Any]:
+    """Off-cluster: Core API local context, run store, SIGTERM preemption, live MLflow.
+
+    ``parsed``: the experiment config the trial folder holds and its hyperparameters, already
+    parsed (the local runner's in-process run passes them on: one parse from YAML to the
+    Trainer). Ranks the runner launches are other processes: they read the trial folder's
+    ``experiment.yaml``.
+    """
     trial = TrialDir(trial_dir)
-    config = yaml.safe_load((trial.experiment_dir / "experiment.yaml").read_text())
-    hp = parse_hyperparameters(config.get("hyperparameters") or {})
+    if parsed is None:
+        config = yaml.safe_load((trial.experiment_dir / "experiment.yaml").read_text())
+        hp = parse_hyperparameters(config.get("hyperparameters") or {})
+    else:
+        config, hp = parsed
     distributed = distributed_context()
     rank = distributed.rank if distributed is not None else 0
     is_chief = rank == 0

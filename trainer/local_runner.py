@@ -4,7 +4,7 @@ The same entrypoint as on the cluster (``python -m trainer.finetune``) runs with
 ``slots_per_trial`` processes (capped to the CPUs/GPUs present), honouring the YAML's launcher:
 
 - no launcher: one process (in this process, `trainer.job.run_off_cluster`, so Ctrl-C /
-  SIGTERM checkpoint and stop cleanly);
+  SIGTERM checkpoint and stop cleanly), handed the experiment as ``text2sql`` parsed it;
 - ``determined.launch.torch_distributed``: ``torchrun --nproc_per_node N`` (gloo on CPU);
 - ``determined.launch.deepspeed``: the ``deepspeed`` launcher (``DS_ACCELERATOR=cpu`` on CPU).
 
@@ -20,6 +20,7 @@ skipped by ``--no-mirror``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import yaml
 from cluster.local_source import LocalCheckpointSource
 from dataset_utils.errors import UserError
 from evaluation.checkpoint_eval import CheckpointEvaluation, evaluate_checkpoint, report_dir_for
+from trainer.config import Hyperparameters
 from trainer.experiment import Experiment, local_world_size, threads_per_rank
 from trainer.job import run_off_cluster
 from trainer.run_store import ExperimentDir, TrialDir
@@ -72,10 +74,9 @@ def deepspeed_config_path(exp: Experiment) -> str | None:
     return ds if isinstance(ds, str) else None
 
 
-def prepare_trial(exp: Experiment, runs_dir: Path, *, new: bool = False) -> tuple[TrialDir, bool]:
-    """Write the resolved experiment into its folder and pick (resume) or create a trial."""
-    exp_dir = ExperimentDir(runs_dir / slug(exp.name))
-    exp_dir.path.mkdir(parents=True, exist_ok=True)
+def trial_config(exp: Experiment) -> dict[str, Any]:
+    """The experiment as its trial folder keeps it: the config after overrides, with the
+    search space resolved and the DeepSpeed config path absolute."""
     config = dict(exp.config)
     hparams = dict(exp.resolved_hparams)
     ta = dict(hparams.get("training_args") or {})
@@ -83,6 +84,23 @@ def prepare_trial(exp: Experiment, runs_dir: Path, *, new: bool = False) -> tupl
         ta["deepspeed"] = deepspeed_config_path(exp)
     hparams["training_args"] = ta
     config["hyperparameters"] = hparams
+    return config
+
+
+def trial_hparams(exp: Experiment) -> Hyperparameters:
+    """`exp.hparams` as `trial_config` writes them (the only difference: the DeepSpeed path),
+    without parsing again."""
+    ta = dict(exp.hparams.training_args)
+    if isinstance(ta.get("deepspeed"), str):
+        ta["deepspeed"] = deepspeed_config_path(exp)
+    return dataclasses.replace(exp.hparams, training_args=ta)
+
+
+def prepare_trial(exp: Experiment, runs_dir: Path, *, new: bool = False) -> tuple[TrialDir, bool]:
+    """Write the resolved experiment into its folder and pick (resume) or create a trial."""
+    exp_dir = ExperimentDir(runs_dir / slug(exp.name))
+    exp_dir.path.mkdir(parents=True, exist_ok=True)
+    config = trial_config(exp)
     resumable = None if new else exp_dir.resumable_trial()
     if resumable is not None:
         previous = yaml.safe_load((exp_dir.path / "experiment.yaml").read_text())
@@ -156,7 +174,11 @@ def launch(
     for note in exp.notes:
         print(f"search space resolved for this local trial: {note}", flush=True)
     if world == 1 and exp.launcher != "deepspeed":
-        summary = run_off_cluster(trial.path, progress=progress)
+        # In this process: the experiment parsed once (cli -> experiment -> config) goes on
+        # as it is; launched ranks below read the trial folder's copy.
+        summary = run_off_cluster(
+            trial.path, progress=progress, parsed=(trial_config(exp), trial_hparams(exp))
+        )
         return LaunchResult(trial, 1, "none", 0, summary)
 
     env = dict(os.environ)

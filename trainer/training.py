@@ -29,7 +29,7 @@ from transformers import AutoConfig, TrainerCallback, TrainerState
 from dataset_utils.errors import UserError
 from dataset_utils.pipeline import PreparedData
 from trainer.checkpoint import checkpoint_manifest, write_manifest
-from trainer.config import Hyperparameters, validate_training_args
+from trainer.config import TRAINING_ARGS_DEFAULTS, Hyperparameters, validate_training_args
 from trainer.hf_trainer import CompletionCollator, Text2SqlTrainer
 from trainer.modeling import (
     adapted_layers,
@@ -68,12 +68,8 @@ class RunEnv:
 def build_training_args(hp: Hyperparameters, env: RunEnv) -> Any:
     import torch
 
-    args = dict(hp.training_args)
+    args = {**TRAINING_ARGS_DEFAULTS, **hp.training_args}
     args["output_dir"] = env.output_dir
-    args.setdefault("report_to", "none")
-    args.setdefault("logging_steps", 10)
-    args.setdefault("save_strategy", "steps")
-    args.setdefault("eval_strategy", "no")
     args["remove_unused_columns"] = False  # the collator ignores the `length` column
     args["disable_tqdm"] = not env.progress
     eff = hp.efficiency

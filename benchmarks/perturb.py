@@ -1,5 +1,8 @@
 """Systematically wrong variants of gold SQL, and judge calibration with them.
 
+Calibration tooling, not runtime: it lives beside ``benchmarks/judge_calibration.py`` (which
+runs it) and is not in the installed packages. It uses the judge as any caller does.
+
 A judge is only trustworthy if it (a) accepts the gold query itself and (b) rejects queries
 that are wrong. `calibrate` measures both on real data: gold vs itself must be 100% correct,
 and each perturbation below should be judged wrong.
@@ -32,7 +35,7 @@ execution accuracy, and the reason the judge adds test-suite variants
 
 Usage::
 
-    from evaluation.perturb import perturbations, calibrate
+    from benchmarks.perturb import perturbations, calibrate
     perturbations("SELECT max(age) FROM singer WHERE country = 'France'", schema)
     report = calibrate(examples)        # see benchmarks/judge_calibration.py
 """
