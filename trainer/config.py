@@ -504,12 +504,12 @@ TRAINING_ARGS_DEFAULTS: dict[str, Any] = {
     "save_strategy": "steps",  # as transformers; save_steps (500) from the YAML.
     "eval_strategy": "no",  # as transformers; the YAMLs that validate set "steps".
 }
-# What the run always sets, whatever the YAML says (each with its reason):
-#   output_dir             the run's own folder (cluster: /tmp/text2sql-output; off-cluster:
-#                          the trial folder's hf_output);
-#   remove_unused_columns  False: the collator reads the ``length`` column;
-#   disable_tqdm           not --progress; use_cpu on a machine without CUDA;
-#   bf16 / tf32            from efficiency.bf16 and the GPU found (`trainer.training`);
+# What the run decides (`trainer.training.build_training_args`), each with its reason:
+#   output_dir             off-cluster always the trial folder's hf_output; on a cluster the
+#                          YAML's output_dir, else /tmp/text2sql-output;
+#   remove_unused_columns  always False: the collator reads the ``length`` column;
+#   disable_tqdm           always: not --progress; use_cpu always on a machine without CUDA;
+#   bf16 / tf32            unless the YAML sets them: from efficiency.bf16 and the GPU found;
 #   deepspeed              the experiment's config, resolved against the context directory.
 
 _RESERVED_TRAINING_ARGS = {
