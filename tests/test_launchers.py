@@ -9,6 +9,7 @@ Run: ``HF_HUB_OFFLINE=1 python -m pytest -m slow tests/test_launchers.py``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,7 +56,10 @@ def text2sql_run(
     for o in overrides:
         cmd += ["--set", o]
     # Its own session, so that a run that hangs (a collective one rank never joins) takes its
-    # launcher and every rank down with it at the timeout, instead of leaving them behind.
+    # launcher and every rank down with it at the timeout, instead of leaving them behind. The
+    # runner starts the launcher in a session of its own too (so it can forward SIGTERM to the
+    # ranks), so the ranks are found as descendants: left alive they would hold the pipes open
+    # and `communicate` would wait for ever (seen on the old ZeRO-3 deadlock of issue 16).
     child = subprocess.Popen(
         cmd,
         cwd=exp.parent,
@@ -68,8 +72,14 @@ def text2sql_run(
     try:
         out, err = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        import psutil  # deepspeed's dependency
+
+        family = psutil.Process(child.pid).children(recursive=True)
         os.killpg(child.pid, signal.SIGKILL)
-        out, err = child.communicate()
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        out, err = child.communicate(timeout=60)
         raise AssertionError(
             f"text2sql run did not finish in {timeout:.0f} s\n{out[-6000:]}\n{err[-6000:]}"
         ) from None
