@@ -320,52 +320,44 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "activation_checkpointing": eff.activation_checkpointing,
             "checkpointing_min_tokens": eff.checkpointing_min_tokens,
         }
-    elif recipe == "t":
-        # trl's SFTTrainer as its docs set it up for a prompt-completion dataset, on the same
-        # tokenized rows: `labels` already hold -100 outside the completion (what trl builds
-        # from `completion_mask`), so trl keeps them. Its defaults that differ on this machine
-        # are set as (b) has them: fp32 (SFTConfig defaults to bf16, 100x slower here), no
-        # truncation (max_length=None; (b) and (c) train every token). padding_free stays off:
-        # trl supports it only with FlashAttention 2/3 (CUDA), so on CPU SFTTrainer pads per
-        # batch like (b), and computes log-probs at every position with its chunked LM head.
-        from trl import SFTConfig, SFTTrainer
-
-        args = SFTConfig(
-            output_dir=out_dir,
-            use_cpu=not torch.cuda.is_available(),
-            bf16=False,
-            report_to="none",
-            disable_tqdm=True,
-            max_length=None,
-            padding_free=False,
-            **common,
-        )
-        model = load_model(ModelArgs(name_or_path=model_args.name_or_path, dtype="float32"))
-        lora = LoraArgs() if method == "lora" else None
-        model = apply_adapter(model, peft_config(method, lora), activation_checkpointing=False)
-        collator = None  # trl's own DataCollatorForLanguageModeling
-        trainer_cls, extra = SFTTrainer, {}
-        settings = {"bf16": False, "prefix_sharing": False, "packing": False, "trl": True}
     else:
-        args = TrainingArguments(
-            output_dir=out_dir,
-            use_cpu=not torch.cuda.is_available(),
-            bf16=False,
-            report_to="none",
-            disable_tqdm=True,
-            remove_unused_columns=False,
+        # (a), (b), (t): the seed setups, one fp32 model and the same plain arguments.
+        plain: dict[str, Any] = {
+            "output_dir": out_dir,
+            "use_cpu": not torch.cuda.is_available(),
+            "bf16": False,
+            "report_to": "none",
+            "disable_tqdm": True,
             **common,
-        )
+        }
         model = load_model(ModelArgs(name_or_path=model_args.name_or_path, dtype="float32"))
         lora = LoraArgs() if method == "lora" else None
         model = apply_adapter(model, peft_config(method, lora), activation_checkpointing=False)
-        collator = (
-            FixedLengthCollator(tok.pad_token_id)
-            if recipe == "a"
-            else CompletionCollator(tok.pad_token_id)
-        )
-        trainer_cls, extra = Trainer, {}
         settings = {"bf16": False, "prefix_sharing": False, "packing": False}
+        extra = {}
+        if recipe == "t":
+            # trl's SFTTrainer as its docs set it up for a prompt-completion dataset, on the
+            # same tokenized rows: `labels` already hold -100 outside the completion (what trl
+            # builds from `completion_mask`), so trl keeps them. Its defaults that differ here
+            # are set as (b) has them: fp32 (SFTConfig defaults to bf16, 100x slower on this
+            # CPU), no truncation (max_length=None; (b) and (c) train every token).
+            # padding_free stays off: trl supports it only with FlashAttention 2/3 (CUDA), so
+            # on CPU SFTTrainer pads per batch like (b), and computes log-probs at every
+            # position with its chunked LM head.
+            from trl import SFTConfig, SFTTrainer
+
+            args = SFTConfig(**plain, max_length=None, padding_free=False)
+            collator = None  # trl's own DataCollatorForLanguageModeling
+            trainer_cls = SFTTrainer
+            settings["trl"] = True
+        else:
+            args = TrainingArguments(**plain, remove_unused_columns=False)
+            collator = (
+                FixedLengthCollator(tok.pad_token_id)
+                if recipe == "a"
+                else CompletionCollator(tok.pad_token_id)
+            )
+            trainer_cls = Trainer
     load_s = time.perf_counter() - t_load
 
     class InOrder(trainer_cls):  # type: ignore[misc, valid-type]

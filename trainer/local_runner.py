@@ -87,12 +87,11 @@ def trial_config(exp: Experiment) -> dict[str, Any]:
     return config
 
 
-def trial_hparams(exp: Experiment) -> Hyperparameters:
-    """`exp.hparams` as `trial_config` writes them (the only difference: the DeepSpeed path),
-    without parsing again."""
-    ta = dict(exp.hparams.training_args)
-    if isinstance(ta.get("deepspeed"), str):
-        ta["deepspeed"] = deepspeed_config_path(exp)
+def trial_hparams(exp: Experiment, config: dict[str, Any] | None = None) -> Hyperparameters:
+    """`exp.hparams` as `trial_config` (or ``config``, its result) writes them -- the only
+    difference is the resolved DeepSpeed path in ``training_args`` -- without parsing again."""
+    config = trial_config(exp) if config is None else config
+    ta = dict(config["hyperparameters"]["training_args"])
     return dataclasses.replace(exp.hparams, training_args=ta)
 
 
@@ -176,8 +175,9 @@ def launch(
     if world == 1 and exp.launcher != "deepspeed":
         # In this process: the experiment parsed once (cli -> experiment -> config) goes on
         # as it is; launched ranks below read the trial folder's copy.
+        config = trial_config(exp)
         summary = run_off_cluster(
-            trial.path, progress=progress, parsed=(trial_config(exp), trial_hparams(exp))
+            trial.path, progress=progress, parsed=(config, trial_hparams(exp, config))
         )
         return LaunchResult(trial, 1, "none", 0, summary)
 
