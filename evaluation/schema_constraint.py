@@ -228,7 +228,7 @@ class Lexer:
     def __init__(self, names: SchemaNames, *, first_table: bool = True) -> None:
         self.n = names
         self.first_table = first_table
-        self._columns_of: dict[tuple[Scope, ...], frozenset[str] | None] = {}
+        self._bound_of: dict[tuple[Scope, ...], tuple[frozenset[str], frozenset[str]] | None] = {}
 
     # -- scopes ---------------------------------------------------------------------------
 
@@ -236,26 +236,19 @@ class Lexer:
     def _scopes(s: State) -> tuple[Scope, ...]:
         return s.scopes or _TOP
 
-    def _in_scope(self, s: State) -> tuple[frozenset[str], bool] | None:
-        """(tables bound in this SELECT and the ones around it, whether one reads a
-        subquery), or None before this SELECT's FROM: unqualified names are then open."""
-        scopes = self._scopes(s)
-        if not scopes[-1].has_from:
-            return None
-        tables = frozenset(t for sc in scopes for t in sc.tables)
-        return tables, any(sc.wild for sc in scopes)
-
-    def _scope_columns(self, s: State) -> frozenset[str] | None:
-        """Columns an unqualified name may be here (None: any column of the schema)."""
+    def _bound(self, s: State) -> tuple[frozenset[str], frozenset[str]] | None:
+        """(tables bound in this SELECT and the ones around it, their columns), or None where
+        unqualified names are open: before this SELECT's FROM, or when a FROM reads a
+        subquery. Cached per scope stack (checked for every character of a word)."""
         key = self._scopes(s)
-        if key not in self._columns_of:
-            bound = self._in_scope(s)
-            self._columns_of[key] = (
-                None
-                if bound is None or bound[1]
-                else frozenset(c for t in bound[0] for c in self.n.table_columns.get(t, ()))
-            )
-        return self._columns_of[key]
+        if key not in self._bound_of:
+            if not key[-1].has_from or any(sc.wild for sc in key):
+                self._bound_of[key] = None
+            else:
+                tables = frozenset(t for sc in key for t in sc.tables)
+                cols = frozenset(c for t in tables for c in self.n.table_columns.get(t, ()))
+                self._bound_of[key] = (tables, cols)
+        return self._bound_of[key]
 
     def _first_tables(self, s: State) -> frozenset[str] | None:
         """The tables the first one of a FROM clause may be (None: any): those with every
@@ -310,15 +303,10 @@ class Lexer:
             return any(c.startswith(w) for c in cols) if cols else w in self.n.column_prefixes
         if _LATE_ALIAS.fullmatch(w) is not None or any(a.startswith(w) for a, _ in s.aliases):
             return True
-        bound = self._in_scope(s)
-        if bound is None or bound[1]:
+        bound = self._bound(s)
+        if bound is None:
             return w in self.n.general_prefixes
-        cols = self._scope_columns(s) or frozenset()
-        return (
-            w in _KEYWORD_PREFIXES
-            or any(c.startswith(w) for c in cols)
-            or any(t.startswith(w) for t in bound[0])
-        )
+        return w in _KEYWORD_PREFIXES or any(n.startswith(w) for n in (*bound[1], *bound[0]))
 
     def _quoted_prefix_ok(self, s: State, w: str) -> bool:
         return any(name.startswith(w) for name in self._quoted_names(s))
@@ -329,11 +317,9 @@ class Lexer:
             return self.n.tables if first is None else first
         if s.prev == ".":
             return self._columns_after_dot(s) or self.n.columns
-        bound = self._in_scope(s)
-        if bound is None or bound[1]:
-            return [*self.n.columns, *self.n.tables, *(a for a, _ in s.aliases)]
-        cols = self._scope_columns(s) or frozenset()
-        return [*cols, *bound[0], *(a for a, _ in s.aliases)]
+        bound = self._bound(s)
+        tables, cols = (self.n.tables, self.n.columns) if bound is None else bound
+        return [*cols, *tables, *(a for a, _ in s.aliases)]
 
     # -- completed words ------------------------------------------------------------------
 
@@ -362,8 +348,8 @@ class Lexer:
             if w not in self.n.tables and not self._is_alias(s, w):
                 pending = pending | {(w, "")}
             elif w in self.n.tables and not self._is_alias(s, w):
-                bound = self._in_scope(s)
-                if bound is not None and not bound[1] and w not in bound[0]:
+                bound = self._bound(s)
+                if bound is not None and w not in bound[0]:
                     return None  # ``FROM singer WHERE concert.year``: concert is not in FROM
         elif self._table_position(s):
             if w not in self.n.tables:
@@ -384,8 +370,8 @@ class Lexer:
             return None
         elif w not in KEYWORDS and not self._is_alias(s, w):
             # An unqualified column: of a table the FROM binds, once it has been written.
-            cols = self._scope_columns(s)
-            if cols is not None and w not in cols:
+            bound = self._bound(s)
+            if bound is not None and w not in bound[1]:
                 return None
             if not sc.has_from:
                 sc = sc._replace(loose=sc.loose | {w})
